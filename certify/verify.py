@@ -1,0 +1,55 @@
+"""Verified accuracy under an L-inf budget from auto_LiRPA's IBP and CROWN bounds.
+
+An image counts as verified when a sound bound proves every margin ``logit_y - logit_j`` positive over the whole
+eps box (clipped to [0, 1]); that implies it is also classified correctly. Every bound is sound, so an image is
+verified when any requested method verifies it (``verified_acc``).
+
+Full CROWN costs far more than IBP (about 20 s per 256 MNIST images for ``cnn-small`` on 2 CPU cores, against
+0.1 s), so by default the methods run as a cascade, cheapest first, each only on the images that are classified
+correctly and still unverified. The first method's figure is then its own (``verified_acc_<method>``); later ones
+report what they added. ``cascade=False`` runs every method on every image.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from certprune.data import batches
+from certprune.lirpa import METHODS, BoundedProxy
+
+
+def _method_key(method: str) -> str:
+    return method.lower().replace("-", "_")
+
+
+def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, methods=("IBP", "CROWN"),
+           batch_size: int = 256, cascade: bool = True) -> dict[str, float]:
+    """Clean accuracy and verified accuracy (union and per method) of ``model`` on ``(x, y)``."""
+    methods = [str(m).upper() for m in methods]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown verification method {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(METHODS)}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    model.eval()
+    proxy = BoundedProxy(model, x[:1])
+    with torch.no_grad():
+        correct = torch.cat([model(xb).argmax(1) == yb for xb, yb in batches(x, y, batch_size)])
+        verified = torch.zeros(len(x), dtype=torch.bool)
+        by_method = {}
+        for method in methods:
+            todo = torch.nonzero(correct & ~verified if cascade else correct).flatten()
+            proven = torch.zeros(len(x), dtype=torch.bool)
+            for start in tqdm(range(0, len(todo), batch_size), desc=f"verify {method}", leave=False, disable=None):
+                index = todo[start:start + batch_size]
+                proven[index] = proxy.margin_lower_bounds(x[index], y[index], eps, method).min(1).values > 0
+            by_method[method] = proven
+            verified |= proven
+    n = len(x)
+    result = {"clean_acc": correct.float().mean().item(), "verified_acc": verified.float().mean().item(),
+              "eps": eps, "verify_method": ("cascade " if cascade else "union ") + "+".join(methods),
+              "verified_examples": n}
+    result.update({f"verified_acc_{_method_key(m)}": proven.float().mean().item() for m, proven in by_method.items()})
+    return result

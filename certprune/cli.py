@@ -1,0 +1,178 @@
+"""``certprune`` command line: each command is a few lines over the Python API."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .config import ConfigError, load_config, parse_override
+from .data import DatasetNotFound
+from .runs import RunError
+
+USER_ERRORS = (ValueError, RunError, ConfigError, DatasetNotFound, FileNotFoundError)
+
+
+def _one_line_errors(command):
+    """Turn expected failures into ``Error: <one line>`` and exit status 1, never a traceback."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except USER_ERRORS as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise click.ClickException(message) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted; the last finished epoch is checkpointed (rerun with --resume)", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def experiment_options(command):
+    """Options shared by every command that trains: a config file and flags that override it."""
+    options = [
+        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML experiment file."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override any config key, e.g. --set prune.epochs=5 (repeatable)."),
+        click.option("--dataset", help="mnist-embedded (default), fashion-mnist, mnist, cifar10, svhn."),
+        click.option("--data-dir", type=click.Path(), help="Where the data set's files are."),
+        click.option("--model", help="Registered model name, e.g. cnn-small."),
+        click.option("--loss", help="Training loss, e.g. crown-ibp, ibp, natural."),
+        click.option("--eps", type=float, help="Perturbation budget of the loss (L-inf, pixel space)."),
+        click.option("--seed", type=int),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def build_config(config_path, overrides, dataset=None, data_dir=None, model=None, loss=None, eps=None, seed=None,
+                 **_):
+    updates = [parse_override(text) for text in overrides]
+    flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed}
+    updates.append({key: value for key, value in flags.items() if value is not None})
+    if loss is not None:
+        updates.append({"loss": {"name": loss}})
+    if eps is not None:
+        updates.append({"loss": {"eps": eps}})
+    return load_config(config_path, updates)
+
+
+def _pretrain_cache_dir(config) -> Path:
+    """Where ``prune`` without ``--from`` keeps the dense model it pretrains: keyed by what shapes that model."""
+    key = {name: getattr(config, name) for name in ("dataset", "data_dir", "model", "seed", "batch_size", "loss")}
+    key["pretrain"] = config.pretrain.__dict__
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path("runs") / "cache" / f"dense-{config.model}-{digest}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Prune neural networks with HYDRA while keeping them certifiably robust."""
+
+
+@main.command()
+@experiment_options
+@click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
+@_one_line_errors
+def pretrain(out, resume, **options):
+    """Train the dense model."""
+    from .pipeline import pretrain as run
+
+    metrics = run(build_config(**options), out, resume=resume)
+    click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+@main.command()
+@experiment_options
+@click.option("--k", "k", type=float, required=True, help="Fraction of weights kept per layer, in (0, 1].")
+@click.option("--method", type=click.Choice(["hydra", "lwm"]), default="hydra", show_default=True)
+@click.option("--from", "source", type=click.Path(), help="Run directory (or model.pt) to prune; default: "
+              "pretrain the config's dense model once and cache it under runs/cache.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<method>-<loss>-k<k>].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
+@_one_line_errors
+def prune(k, method, source, out, resume, **options):
+    """Prune to a fraction k of the weights (score training, then fine-tuning)."""
+    from .masking import check_k
+    from .pipeline import pretrain as run_pretrain, prune as run_prune
+
+    k = check_k(k)
+    config = build_config(**options)
+    if source is None:
+        source = _pretrain_cache_dir(config)
+        if not (source / "model.pt").exists():
+            click.echo(f"no --from given: pretraining the dense model into {source}", err=True)
+            run_pretrain(config, source, resume=True)
+    out = out or f"runs/{method}-{config.loss_name}-k{k:g}"
+    metrics = run_prune(config, out, k, method, source, resume=resume)
+    click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--from", "source", type=click.Path(), required=True, help="Run directory to verify.")
+@click.option("--eps", type=float, help="L-inf budget [the run's training eps].")
+@click.option("--method", "methods", multiple=True, type=click.Choice(["IBP", "CROWN", "CROWN-IBP"],
+              case_sensitive=False), help="Bound methods (repeatable) [IBP, CROWN].")
+@click.option("--max", "max_examples", type=int, help="Verify only the first N test images.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@_one_line_errors
+def verify(source, eps, methods, max_examples, batch_size):
+    """Verified accuracy of a run from IBP / CROWN bounds; written into its metrics.json."""
+    from .certify.verify import verify as run_verify
+    from .data import load_dataset
+    from .runs import CONFIG_FILE, load_run, resolve_model_path, update_metrics
+
+    model_path = resolve_model_path(source)
+    config = load_config(model_path.parent / CONFIG_FILE) if (model_path.parent / CONFIG_FILE).exists() else load_config()
+    data = load_dataset(config.dataset, config.data_dir)
+    eps = eps if eps is not None else config.loss.get("eps", 0.0)
+    x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
+    result = run_verify(load_run(model_path), x, y, eps, methods or ("IBP", "CROWN"), batch_size)
+    if model_path.parent.is_dir():
+        update_metrics(model_path.parent, **result)
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@experiment_options
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Sweep directory.")
+@click.option("--from", "source", type=click.Path(), help="Dense run to prune instead of pretraining one.")
+@_one_line_errors
+def sweep(out, source, **options):
+    """Dense, then HYDRA and LWM at every k of the config; results.md and sparsity.png."""
+    from .sweep import sweep as run_sweep
+
+    run_sweep(build_config(**options), out, source)
+    click.echo(Path(out, "results.md").read_text())
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--metric", help="Metric to plot [the sweep's report_metric].")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="PNG file [SWEEP_DIR/sparsity.png].")
+@_one_line_errors
+def plot(sweep_dir, metric, out_path):
+    """Plot a metric of a sweep's runs against sparsity (PNG)."""
+    from .plots import plot_vs_sparsity
+    from .runs import CONFIG_FILE, read_metrics
+
+    sweep_dir = Path(sweep_dir)
+    runs = [d for d in sorted(sweep_dir.iterdir()) if (d / "metrics.json").exists()] if sweep_dir.is_dir() else []
+    if not runs:
+        raise RunError(f"{sweep_dir} holds no finished runs")
+    rows = [read_metrics(d) for d in runs]
+    config_file = next((d / CONFIG_FILE for d in runs if (d / CONFIG_FILE).exists()), None)
+    metric = metric or (load_config(config_file).report_metric if config_file else "verified_acc")
+    if not any(metric in row for row in rows):
+        raise RunError(f"no run in {sweep_dir} has the metric {metric!r}")
+    path = plot_vs_sparsity(rows, metric, Path(out_path) if out_path else sweep_dir / "sparsity.png")
+    click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""The only module that imports auto_LiRPA: bounds of a (possibly masked) model's classification margins.
+
+auto_LiRPA 0.3 is exact only for a plain network: multiplying a mask inside its traced graph gives wrong bounds
+silently, and top-k is an unsupported op. So :class:`BoundedProxy` bounds a *plain copy* of the model. Before each
+bound computation the model's effective weights (``weight * mask``, via :mod:`certprune.masking`) are copied into
+the copy in place, and :class:`_ChainToModel` hands the gradient w.r.t. the copy's parameters back to the model's
+effective tensors, from where autograd carries it on to scores (straight-through) and weights.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import lirpa_compat, masking
+from .models import Normalize
+
+lirpa_compat.apply()
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
+
+METHODS = ("IBP", "CROWN", "CROWN-IBP")
+
+
+def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Spec matrix ``C`` with rows ``e_y - e_j`` for every ``j != y``: shape ``(B, num_classes - 1, num_classes)``.
+
+    A lower bound > 0 on every row proves the true class beats all others.
+    """
+    eye = torch.eye(num_classes, device=labels.device)
+    spec = eye[labels].unsqueeze(1) - eye.unsqueeze(0)  # (B, C, C): row j is e_y - e_j
+    keep = eye[labels] == 0  # drop the row j == y
+    return spec[keep].view(len(labels), num_classes - 1, num_classes)
+
+
+def input_box(x: torch.Tensor, eps: float, lower: float = 0.0, upper: float = 1.0):
+    """The L-inf ball of radius ``eps`` around ``x`` clipped to the valid pixel domain ``[lower, upper]``."""
+    return (x - eps).clamp(lower, upper), (x + eps).clamp(lower, upper)
+
+
+class _ChainToModel(torch.autograd.Function):
+    """Hands the proxy's bounds to the caller; backward routes their gradient to the model's effective tensors.
+
+    ``forward(proxy_graph, *model_tensors)``: ``proxy_graph = (bounds, proxy_params)`` holds the bounds with their
+    graph to the proxy's parameters, whose values equal ``model_tensors``. It travels as a plain object so that
+    autograd does not link the two graphs; the outputs are detached copies of the bounds.
+    """
+
+    @staticmethod
+    def forward(ctx, proxy_graph: tuple, *model_tensors):
+        ctx.proxy_graph = proxy_graph
+        return tuple(bound.detach().clone() for bound in proxy_graph[0])
+
+    @staticmethod
+    def backward(ctx, *grad_bounds: torch.Tensor):
+        graph_bounds, proxy_params = ctx.proxy_graph
+        del ctx.proxy_graph
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[1:]) if needed]
+        grads = [None] * len(proxy_params)
+        pairs = [(b, g) for b, g in zip(graph_bounds, grad_bounds) if g is not None]
+        if wanted and pairs:
+            computed = torch.autograd.grad([b for b, _ in pairs], [proxy_params[i] for i in wanted],
+                                           [g for _, g in pairs], allow_unused=True)
+            for i, grad in zip(wanted, computed):
+                grads[i] = grad
+        return (None, *grads)
+
+
+class BoundedProxy:
+    """auto_LiRPA's ``BoundedModule`` over a plain copy of ``model`` that follows the model's current weights.
+
+    A leading :class:`~certprune.models.Normalize` stays outside the bounded graph: its division by a per-channel
+    std trips an assertion in auto_LiRPA 0.3's CROWN (patches mode), and it is exact to map the input box through
+    it instead, as auto_LiRPA's own examples do.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor):
+        self.model = model
+        plain = masking.dense_copy(model)
+        self.normalize_name = None
+        if isinstance(plain, nn.Sequential) and isinstance(plain[0], Normalize):
+            self.normalize_name, self.normalize = next(iter(plain.named_children()))
+            plain = plain[1:]  # a slice keeps the original child names, so parameter names still match the model
+        else:
+            self.normalize = nn.Identity()
+        self._plain = plain
+        self.num_classes = self._infer_classes(model, example_input)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.bounded = BoundedModule(plain, self.normalize(example_input[:1]), device=example_input.device)
+        self._param_names = [name for name, _ in plain.named_parameters()]
+        self._plain_params = [p for _, p in plain.named_parameters()]
+        self._buffers = [(name, buffer) for name, buffer in plain.named_buffers()]
+        if self.normalize_name is not None:
+            self._buffers += [(f"{self.normalize_name}.{name}", buffer)
+                              for name, buffer in self.normalize.named_buffers()]
+
+    @staticmethod
+    def _infer_classes(model: nn.Module, example_input: torch.Tensor) -> int:
+        with torch.no_grad():
+            return int(model(example_input[:1]).shape[-1])
+
+    def _model_tensor(self, dotted: str) -> torch.Tensor:
+        """The model's tensor behind a plain parameter name: the *effective* weight for masked layers."""
+        module_name, _, attr = dotted.rpartition(".")
+        return getattr(self.model.get_submodule(module_name), attr)
+
+    def _sync(self) -> list[torch.Tensor]:
+        """Copy the model's effective tensors into the proxy in place; return them (with their autograd graph)."""
+        tensors = [self._model_tensor(name) for name in self._param_names]
+        with torch.no_grad():
+            for plain, source in zip(self._plain_params, tensors):
+                plain.copy_(source)
+                plain.requires_grad_(source.requires_grad)
+            for name, buffer in self._buffers:
+                buffer.copy_(self._model_tensor(name))
+        self.bounded.train(self.model.training)
+        return tensors
+
+    def _bounded_input(self, x: torch.Tensor, eps: float) -> BoundedTensor:
+        x_lower, x_upper = input_box(x, eps)
+        lower, center, upper = self.normalize(x_lower), self.normalize(x), self.normalize(x_upper)
+        radius = float((upper - lower).max()) / 2 if eps > 0 else 0.0
+        return BoundedTensor(center, PerturbationLpNorm(norm=float("inf"), eps=radius, x_L=lower, x_U=upper))
+
+    def margin_lower_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float,
+                            method: str = "IBP") -> torch.Tensor:
+        """Lower bounds on ``logit_y - logit_j`` (``j != y``) over the clipped L-inf box; shape ``(B, classes-1)``.
+
+        Differentiable w.r.t. the model's trainable tensors (scores included) when grad mode is on.
+        """
+        return self.margin_lower_bounds_many(x, labels, eps, [method])[0]
+
+    def margin_lower_bounds_many(self, x: torch.Tensor, labels: torch.Tensor, eps: float,
+                                 methods: list[str]) -> list[torch.Tensor]:
+        """:meth:`margin_lower_bounds` for several methods over one weight copy (CROWN-IBP mixes IBP and CROWN)."""
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown bound method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        tensors = self._sync()
+        spec = margin_spec(labels, self.num_classes)
+        bounded_x = self._bounded_input(x, eps)
+        lowers = [self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=method, bound_upper=False)[0]
+                  for method in methods]
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+            return [lower.detach() for lower in lowers]
+        return list(_ChainToModel.apply((lowers, self._plain_params), *tensors))
+
+    def output_bounds(self, x: torch.Tensor, eps: float, method: str = "IBP") -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower and upper bounds of every logit over the clipped L-inf box (for soundness checks)."""
+        self._sync()
+        with torch.no_grad():
+            return self.bounded.compute_bounds(x=(self._bounded_input(x, eps),), method=method)

@@ -1,0 +1,179 @@
+"""The three HYDRA phases as runs: pretrain -> prune (scores) -> finetune (weights), and the LWM baseline.
+
+Each function trains a model, checkpoints after every epoch (``--resume`` continues from the last one), evaluates
+the final model and leaves a complete run directory (see :mod:`certprune.runs`).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import masking
+from .config import Config, PhaseConfig, save_config
+from .data import Dataset, load_dataset
+from .losses import make_loss
+from .runs import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, RunError, atomic_torch_save, atomic_write_text,
+                   build_model, load_model_file, load_state, resolve_model_path, safe_load, save_model,
+                   write_metrics)
+from .train import fit, make_optimizer, make_scheduler
+
+METHODS = ("hydra", "lwm")
+Evaluation = Callable[[nn.Module, Config, Dataset, Path], dict[str, Any]]
+
+
+def _verify(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
+    from .certify.verify import verify  # certifiers load only when a run is evaluated
+
+    if config.verify is None:
+        return {}
+    settings = config.verify
+    eps = settings.eps if settings.eps is not None else config.loss.get("eps", 0.0)
+    x, y = data.test_x, data.test_y
+    if settings.max_examples is not None:
+        x, y = x[:settings.max_examples], y[:settings.max_examples]
+    return verify(model, x, y, eps, settings.methods, settings.batch_size)
+
+
+# Every evaluation runs on each finished model and adds its figures to metrics.json; each does nothing when its
+# config section is absent. Other certification paths register theirs here.
+EVALUATIONS: list[Evaluation] = [_verify]
+
+
+def evaluate(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
+    model.eval()
+    metrics: dict[str, Any] = {}
+    for evaluation in EVALUATIONS:
+        metrics.update(evaluation(model, config, data, run_dir))
+    if "clean_acc" not in metrics:
+        with torch.no_grad():
+            metrics["clean_acc"] = (model(data.test_x).argmax(1) == data.test_y).float().mean().item()
+    return metrics
+
+
+def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict[str, Any] | None:
+    """Create the run directory; return the checkpoint to resume from (if any). Never overwrites a run."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if not resume and (checkpoint.exists() or (run_dir / MODEL_FILE).exists()):
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    return safe_load(checkpoint) if resume and checkpoint.exists() else None
+
+
+def _history_csv(history: list[dict[str, Any]]) -> str:
+    keys = sorted({key for row in history for key in row}, key=lambda k: (k not in ("phase", "epoch"), k))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config: Config, data: Dataset,
+                 run_dir: Path, checkpoint: dict[str, Any] | None, architecture: dict[str, Any]) -> dict[str, Any]:
+    """Run ``phases`` in order on ``model``, checkpointing after every epoch; resume from ``checkpoint``."""
+    run_dir = Path(run_dir)
+    completed: list[str] = []
+    history: list[dict[str, Any]] = []
+    seconds = 0.0
+    if checkpoint is not None:
+        load_state(model, checkpoint["model"], run_dir / CHECKPOINT_FILE)
+        completed, history, seconds = list(checkpoint["completed"]), list(checkpoint["history"]), checkpoint["seconds"]
+    started = time.perf_counter()
+    for index, (phase, settings) in enumerate(phases):
+        tag = f"{index}:{phase}"
+        if tag in completed or settings.epochs == 0:
+            continue
+        masking.set_phase(model, phase, config.train_norm_in_prune)
+        name, params = config.phase_loss(phase)
+        loss = make_loss(name, **params)
+        optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), settings)
+        scheduler = make_scheduler(optimizer, settings)
+        generator = torch.Generator().manual_seed(config.seed * 1000 + index)
+        start_epoch = 0
+        if checkpoint is not None and checkpoint["phase"] == tag:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+            generator.set_state(checkpoint["generator"])
+            torch.set_rng_state(checkpoint["rng"])
+            start_epoch = checkpoint["epoch"] + 1
+
+        def save_checkpoint(epoch: int, means: dict[str, float], tag=tag, optimizer=optimizer,
+                            scheduler=scheduler, generator=generator, settings=settings) -> None:
+            history.append({"phase": phase, "epoch": epoch + 1, **means})
+            done = completed + [tag] if epoch + 1 == settings.epochs else completed
+            atomic_torch_save({
+                "format": FORMAT, "architecture": architecture, "completed": done, "phase": tag, "epoch": epoch,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "rng": torch.get_rng_state(), "history": history,
+                "seconds": seconds + time.perf_counter() - started,
+            }, run_dir / CHECKPOINT_FILE)
+            atomic_write_text(run_dir / "history.csv", _history_csv(history))
+
+        fit(model, loss, optimizer, data.train_x, data.train_y, settings.epochs, config.batch_size, scheduler,
+            generator, start_epoch, save_checkpoint, desc=phase)
+        completed.append(tag)
+    return {"train_seconds": seconds + time.perf_counter() - started}
+
+
+def _finish(model: nn.Module, config: Config, data: Dataset, run_dir: Path, architecture: dict[str, Any],
+            facts: dict[str, Any], started: float) -> dict[str, Any]:
+    save_model(model, run_dir / MODEL_FILE, architecture)
+    final, _ = load_model_file(run_dir / MODEL_FILE)  # evaluate exactly what was saved
+    metrics = {**facts, **evaluate(final, config, data, run_dir), "sparsity": masking.sparsity(final),
+               "dataset": config.dataset, "model": config.model, "loss": config.loss_name, "seed": config.seed}
+    metrics["seconds"] = metrics.pop("train_seconds", 0.0) + time.perf_counter() - started
+    write_metrics(run_dir, metrics)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return metrics
+
+
+def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
+    """Train the dense model (phase ``pretrain``) and evaluate it."""
+    run_dir = Path(run_dir)
+    checkpoint = _prepare_run_dir(run_dir, config, resume)
+    data = data or load_dataset(config.dataset, config.data_dir)
+    torch.manual_seed(config.seed)
+    architecture = {"name": config.model, "kwargs": data.shape()}
+    model = build_model(architecture)
+    started = time.perf_counter()
+    facts = train_phases(model, [("pretrain", config.pretrain)], config, data, run_dir, checkpoint, architecture)
+    return _finish(model, config, data, run_dir, architecture, {**facts, "method": "dense", "k": 1.0}, started)
+
+
+def prune(config: Config, run_dir: str | Path, k: float, method: str, source: str | Path, resume: bool = False,
+          data: Dataset | None = None) -> dict[str, Any]:
+    """Prune the model of run ``source`` to a fraction ``k`` of its weights and fine-tune it.
+
+    ``hydra``: scores (scaled init) trained under the loss for ``prune.epochs``, then weights for
+    ``finetune.epochs``. ``lwm``: the least-weight-magnitude mask, then weights for the same total number of
+    epochs, so that both methods get the same budget.
+    """
+    k = masking.check_k(k)
+    if method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
+    model, architecture = load_model_file(resolve_model_path(source))
+    data = data or load_dataset(config.dataset, config.data_dir)
+    if architecture["kwargs"] != data.shape():
+        raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, but {config.dataset} has {data.shape()}")
+    run_dir = Path(run_dir)
+    checkpoint = _prepare_run_dir(run_dir, config, resume)
+    torch.manual_seed(config.seed)
+    masking.apply_masks(model, k, init="scaled" if method == "hydra" else "magnitude")
+    if method == "hydra":
+        phases = [("prune", config.prune), ("finetune", config.finetune)]
+    else:
+        total = config.prune.epochs + config.finetune.epochs
+        phases = [("finetune", PhaseConfig(**{**config.finetune.__dict__, "epochs": total}))]
+    started = time.perf_counter()
+    facts = train_phases(model, phases, config, data, run_dir, checkpoint, architecture)
+    facts.update(method=method, k=k, source=str(source))
+    return _finish(model, config, data, run_dir, architecture, facts, started)

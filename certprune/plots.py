@@ -1,0 +1,38 @@
+"""Figures: a metric (certified / verified / robust accuracy) against sparsity, one line per method."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"hydra": "tab:blue", "lwm": "tab:orange", "dense": "black"}
+
+
+def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label: str | None = None,
+                     title: str | None = None) -> Path:
+    """``rows`` are runs' metrics (method, sparsity and ``metric``); dense is drawn as a horizontal reference."""
+    label = label or metric.replace("_", " ")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in ("hydra", "lwm"):
+        points = sorted((r["sparsity"], r[metric]) for r in rows if r.get("method") == method and metric in r)
+        if points:
+            axis.plot([100 * s for s, _ in points], [100 * v for _, v in points], "o-", color=COLORS[method],
+                      label=method.upper())
+    for row in rows:
+        if row.get("method") == "dense" and metric in row:
+            axis.axhline(100 * row[metric], color=COLORS["dense"], linestyle="--", label="dense")
+    axis.set_xlabel("sparsity (% of prunable weights removed)")
+    axis.set_ylabel(f"{label} (%)")
+    axis.set_title(title or f"{label} against sparsity")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
