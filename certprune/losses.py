@@ -98,6 +98,7 @@ LOSSES: dict[str, Callable[..., Loss]] = {
     "ibp": IBPLoss,
     "crown-ibp": BoundLoss,
 }
+# Other certification paths register their losses below (one line each).
 
 
 def make_loss(name: str, **params) -> Loss:
