@@ -40,6 +40,24 @@ class VerifyConfig:
 
 
 @dataclass
+class SmoothingConfig:
+    """Randomized-smoothing certification (Cohen et al. 2019) of the final model; see certprune.certify.smoothing.
+
+    ``sigma`` defaults to the training loss's sigma. ``skip`` / ``max`` choose the test images (every skip-th,
+    at most max of them); ``radii`` are the L2 radii at which certified accuracy is reported.
+    """
+
+    sigma: float | None = None
+    n0: int = 100
+    n: int = 100_000
+    alpha: float = 0.001
+    batch: int = 1000
+    skip: int = 1
+    max: int | None = None
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+@dataclass
 class Config:
     dataset: str = "mnist-embedded"
     data_dir: str | None = None
@@ -54,6 +72,7 @@ class Config:
     k: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
     methods: list[str] = field(default_factory=lambda: ["hydra", "lwm"])
     verify: VerifyConfig | None = field(default_factory=VerifyConfig)
+    certify: SmoothingConfig | None = None
     report_metric: str = "verified_acc"  # the metric of results.md's main column and of sparsity.png
     report_columns: list[str] = field(default_factory=lambda: ["verified_acc_ibp", "verified_acc_crown"])
     report_note: str = ""
@@ -86,7 +105,7 @@ def _build(cls, data: dict[str, Any], where: str):
 
 
 _NESTED = {(Config, "pretrain"): PhaseConfig, (Config, "prune"): PhaseConfig, (Config, "finetune"): PhaseConfig,
-           (Config, "verify"): VerifyConfig}
+           (Config, "verify"): VerifyConfig, (Config, "certify"): SmoothingConfig}
 
 
 def _merge(base: dict, update: dict) -> dict:
