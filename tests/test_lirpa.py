@@ -1,0 +1,157 @@
+"""Specification of certprune.lirpa: auto_LiRPA's bounds of masked models are exact and sound."""
+import pytest
+import torch
+from torch import nn
+
+from certprune import lirpa_compat, masking
+from certprune.lirpa import BoundedProxy, input_box, margin_spec
+from certprune.models import MODELS, create_model
+
+EPS = 0.03
+
+
+def sample_box(x, eps, count):
+    """Random points of the clipped box, corners included (where ReLU networks are most extreme)."""
+    lower, upper = input_box(x, eps)
+    u = torch.rand(count, *x.shape)
+    u[: count // 2] = u[: count // 2].round()
+    return lower + u * (upper - lower)
+
+
+def test_every_shim_is_still_needed_and_auto_lirpa_works():
+    """If this fails after an upgrade of torch or numpy, delete the shim that is no longer needed."""
+    lirpa_compat.apply()
+    assert lirpa_compat.APPLIED and all(lirpa_compat.APPLIED.values()), lirpa_compat.APPLIED
+
+
+def test_margin_spec_rows_are_true_minus_other():
+    spec = margin_spec(torch.tensor([2, 0]), 4)
+    assert spec.shape == (2, 3, 4)
+    assert torch.equal(spec[0], torch.tensor([[-1., 0, 1, 0], [0, -1, 1, 0], [0, 0, 1, -1]]))
+    assert torch.equal(spec[1], torch.tensor([[1., -1, 0, 0], [1, 0, -1, 0], [1, 0, 0, -1]]))
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN"])
+def test_linear_layer_bounds_are_closed_form(method):
+    """For y = Wx + b over a box [l, u], the tightest bounds are W+ l + W- u + b and W+ u + W- l + b."""
+    linear = nn.Linear(6, 3)
+    model = nn.Sequential(linear)
+    x = torch.rand(4, 6) * 0.8 + 0.1
+    lower_x, upper_x = input_box(x, 0.05)
+    positive, negative = linear.weight.clamp(min=0), linear.weight.clamp(max=0)
+    expected_lower = lower_x @ positive.T + upper_x @ negative.T + linear.bias
+    expected_upper = upper_x @ positive.T + lower_x @ negative.T + linear.bias
+    lower, upper = BoundedProxy(model, x).output_bounds(x, 0.05, method)
+    assert torch.allclose(lower, expected_lower, atol=1e-5) and torch.allclose(upper, expected_upper, atol=1e-5)
+
+
+def test_input_box_is_clipped_to_pixel_domain():
+    lower, upper = input_box(torch.tensor([0.0, 0.5, 0.98]), 0.1)
+    assert torch.allclose(lower, torch.tensor([0.0, 0.4, 0.88])) and torch.allclose(upper, torch.tensor([0.1, 0.6, 1.0]))
+
+
+def interval_propagation(model, lower, upper):
+    """An independent plain-torch IBP for Sequential models of Normalize / Conv2d / Linear / ReLU / Flatten."""
+    for layer in model:
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            center, radius = (upper + lower) / 2, (upper - lower) / 2
+            op = layer._conv_forward if isinstance(layer, nn.Conv2d) else None
+            if op is not None:
+                mid = op(center, layer.weight, layer.bias)
+                rad = op(radius, layer.weight.abs(), None)
+            else:
+                mid, rad = center @ layer.weight.T + layer.bias, radius @ layer.weight.abs().T
+            lower, upper = mid - rad, mid + rad
+        else:  # monotone elementwise layers (Normalize with std > 0, ReLU) and Flatten
+            lower, upper = layer(lower), layer(upper)
+    return lower, upper
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_ibp_agrees_with_independent_interval_propagation(name):
+    model = masking.apply_masks(create_model(name, image_size=12), 0.3)
+    x = torch.rand(3, 1, 12, 12)
+    lower, upper = BoundedProxy(model, x).output_bounds(x, EPS, "IBP")
+    with torch.no_grad():
+        ref_lower, ref_upper = interval_propagation(masking.dense_copy(model), *input_box(x, EPS))
+    assert torch.allclose(lower, ref_lower, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(upper, ref_upper, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN"])
+def test_bounds_of_masked_models_contain_sampled_outputs(name, method):
+    model = masking.apply_masks(create_model(name, image_size=12), 0.2).eval()
+    x = torch.rand(2, 1, 12, 12)
+    lower, upper = BoundedProxy(model, x).output_bounds(x, EPS, method)
+    with torch.no_grad():
+        samples = sample_box(x, EPS, 200)
+        outputs = model(samples.flatten(0, 1)).view(200, 2, -1)
+    assert (outputs >= lower - 1e-5).all() and (outputs <= upper + 1e-5).all()
+
+
+@pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN"])
+def test_pgd_on_the_margin_never_goes_below_the_certified_lower_bound(method):
+    model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.3).eval()
+    x, y = torch.rand(4, 1, 12, 12), torch.tensor([0, 1, 2, 3])
+    certified = BoundedProxy(model, x).margin_lower_bounds(x, y, EPS, method)
+    spec = margin_spec(y, 10)
+    lower_x, upper_x = input_box(x, EPS)
+    delta = (torch.rand_like(x) * 2 - 1) * EPS
+    for _ in range(40):
+        delta.requires_grad_(True)
+        margins = torch.einsum("bkc,bc->bk", spec, model((x + delta).clamp(lower_x, upper_x)))
+        margins.min(1).values.sum().backward()
+        with torch.no_grad():
+            delta = (delta - EPS / 8 * delta.grad.sign()).clamp(-EPS, EPS)
+    with torch.no_grad():
+        attacked = torch.einsum("bkc,bc->bk", spec, model((x + delta).clamp(lower_x, upper_x)))
+    assert (attacked >= certified - 1e-5).all()
+
+
+def test_masked_proxy_bounds_equal_direct_bounds_of_the_dense_model():
+    model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.1)
+    x, y = torch.rand(5, 1, 12, 12), torch.randint(0, 10, (5,))
+    masked = BoundedProxy(model, x).margin_lower_bounds(x, y, EPS, "CROWN-IBP")
+    direct = BoundedProxy(masking.dense_copy(model), x).margin_lower_bounds(x, y, EPS, "CROWN-IBP")
+    assert torch.allclose(masked, direct, atol=1e-6)
+
+
+@pytest.mark.parametrize("phase", ["prune", "finetune"])
+def test_gradient_reaches_scores_and_weights_through_the_proxy(phase):
+    """The chained gradient equals the gradient of the same bounds computed on the masked model itself."""
+    model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.2)
+    masking.set_phase(model, phase)
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    proxy = BoundedProxy(model, x)
+    ibp, crown_ibp = proxy.margin_lower_bounds_many(x, y, EPS, ["IBP", "CROWN-IBP"])
+    (torch.nn.functional.softplus(-ibp).sum() + crown_ibp.square().mean()).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    dense = masking.dense_copy(model)
+    for p in dense.parameters():
+        p.requires_grad_(True)
+    reference = BoundedProxy(dense, x)
+    ibp, crown_ibp = reference.margin_lower_bounds_many(x, y, EPS, ["IBP", "CROWN-IBP"])
+    (torch.nn.functional.softplus(-ibp).sum() + crown_ibp.square().mean()).backward()
+    for name, layer in masking.masked_layers(model):
+        dense_grad = dense.get_submodule(name).weight.grad
+        mask = masking.mask_of(layer)
+        if phase == "prune":
+            expected = dense_grad * masking.raw_weight(layer).detach() * mask.scores.detach().sign()
+            actual = got[f"{name}.parametrizations.weight.0.scores"]
+        else:
+            expected = dense_grad * mask.mask()
+            actual = got[f"{name}.parametrizations.weight.original"]
+        assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-4), name
+    if phase == "finetune":
+        assert torch.allclose(got["1.bias"], dense[1].bias.grad, atol=1e-6)
+
+
+def test_no_gradient_leaks_without_grad_mode():
+    model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.2)
+    x, y = torch.rand(2, 1, 12, 12), torch.tensor([1, 2])
+    with torch.no_grad():
+        bounds = BoundedProxy(model, x).margin_lower_bounds(x, y, EPS, "IBP")
+    assert not bounds.requires_grad
