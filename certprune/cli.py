@@ -42,6 +42,7 @@ def experiment_options(command):
         click.option("--model", help="Registered model name, e.g. cnn-small."),
         click.option("--loss", help="Training loss, e.g. crown-ibp, ibp, natural."),
         click.option("--eps", type=float, help="Perturbation budget of the loss (L-inf, pixel space)."),
+        click.option("--sigma", type=float, help="Gaussian noise level of a smoothing loss (gaussian, stability)."),
         click.option("--seed", type=int),
     ]
     for option in reversed(options):
@@ -50,7 +51,7 @@ def experiment_options(command):
 
 
 def build_config(config_path, overrides, dataset=None, data_dir=None, model=None, loss=None, eps=None, seed=None,
-                 **_):
+                 sigma=None, **_):
     updates = [parse_override(text) for text in overrides]
     flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed}
     updates.append({key: value for key, value in flags.items() if value is not None})
@@ -58,6 +59,8 @@ def build_config(config_path, overrides, dataset=None, data_dir=None, model=None
         updates.append({"loss": {"name": loss}})
     if eps is not None:
         updates.append({"loss": {"eps": eps}})
+    if sigma is not None:
+        updates.append({"loss": {"sigma": sigma}})
     return load_config(config_path, updates)
 
 
@@ -136,6 +139,34 @@ def verify(source, eps, methods, max_examples, batch_size):
     if model_path.parent.is_dir():
         update_metrics(model_path.parent, **result)
     click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--from", "source", type=click.Path(), required=True, help="Run directory (or model.pt) to certify.")
+@click.option("--sigma", type=float, help="Noise level of the smoothed classifier [the run's training sigma].")
+@click.option("--n0", type=int, default=100, show_default=True, help="Samples that choose the top class.")
+@click.option("--n", "n", type=int, default=100_000, show_default=True, help="Samples that bound its probability.")
+@click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability per image.")
+@click.option("--batch", type=int, default=1000, show_default=True, help="Noisy samples per forward pass.")
+@click.option("--skip", type=int, default=1, show_default=True, help="Certify every skip-th test image.")
+@click.option("--max", "max_examples", type=int, help="Certify at most N of the selected test images.")
+@click.option("--restart", is_flag=True, help="Discard the run's certify.tsv instead of resuming it.")
+@_one_line_errors
+def certify(source, sigma, n0, n, alpha, batch, skip, max_examples, restart):
+    """Randomized-smoothing certified L2 radii (Cohen et al.) of a run's test images.
+
+    Writes RUN/certify.tsv as it goes (rerun the same command to resume) and the summary into RUN/metrics.json.
+    """
+    from .certify.smoothing import certify_saved_run
+    from .config import SmoothingConfig
+
+    settings = SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, batch=batch, skip=skip, max=max_examples)
+    try:
+        summary = certify_saved_run(source, settings, restart, warn=lambda text: click.echo(f"Warning: {text}", err=True))
+    except KeyboardInterrupt:
+        click.echo("interrupted; certified images are kept in certify.tsv (rerun the same command to resume)", err=True)
+        sys.exit(130)
+    click.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 
 @main.command()

@@ -99,6 +99,8 @@ LOSSES: dict[str, Callable[..., Loss]] = {
     "crown-ibp": BoundLoss,
 }
 # Other certification paths register their losses below (one line each).
+from .losses_noise import GaussianLoss, StabilityLoss  # noqa: E402  (randomized smoothing)
+LOSSES.update({"gaussian": GaussianLoss, "stability": StabilityLoss})
 
 
 def make_loss(name: str, **params) -> Loss:

@@ -45,6 +45,19 @@ def _verify(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> d
 EVALUATIONS: list[Evaluation] = [_verify]
 
 
+def _certify_smoothed(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
+    """Randomized-smoothing certification of the test images into run_dir/certify.tsv (resumable)."""
+    if config.certify is None:
+        return {}
+    from .certify.smoothing import certify_run, training_sigmas
+
+    return certify_run(model, data.test_x, data.test_y, run_dir, config.certify, seed=config.seed,
+                       trained_sigmas=training_sigmas(config))
+
+
+EVALUATIONS.append(_certify_smoothed)
+
+
 def evaluate(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
     model.eval()
     metrics: dict[str, Any] = {}

@@ -36,3 +36,33 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str = "certified_acc",
+                   title: str | None = None) -> Path:
+    """Certified accuracy against L2 radius at one ``k``: HYDRA and LWM pruned to ``k``, dense dashed.
+
+    ``rows`` are runs' metrics with ``method``, ``k`` and ``metric`` (a mapping radius string -> accuracy).
+    """
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row in sorted(rows, key=lambda r: r.get("method") != "dense"):
+        method = row.get("method")
+        if not isinstance(row.get(metric), dict) or method not in COLORS:
+            continue
+        if method != "dense" and row.get("k") != k:
+            continue
+        points = sorted((float(radius), value) for radius, value in row[metric].items())
+        axis.plot([r for r, _ in points], [100 * v for _, v in points], "o--" if method == "dense" else "o-",
+                  color=COLORS[method], label="dense" if method == "dense" else f"{method.upper()} k={k:g}")
+    axis.set_xlabel("L2 radius (pixel space)")
+    axis.set_ylabel("certified accuracy (%)")
+    axis.set_title(title or f"certified accuracy against radius, k = {k:g}")
+    axis.set_ylim(0, 100)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

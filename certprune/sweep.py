@@ -10,7 +10,7 @@ from typing import Any
 from .config import Config
 from .data import load_dataset
 from .pipeline import prune, pretrain
-from .plots import plot_vs_sparsity
+from .plots import plot_vs_radius, plot_vs_sparsity
 from .runs import MODEL_FILE, METRICS_FILE, RunError, atomic_write_text, read_metrics
 
 DENSE = "dense"
@@ -66,3 +66,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     plot_vs_sparsity(rows, metric, out / "sparsity.png", title=f"{config.model}, {config.dataset}, {config.loss_name}")
+    if any(isinstance(row.get("certified_acc"), dict) for row in rows):  # randomized smoothing: one figure per k
+        for k in config.k:
+            plot_vs_radius(rows, k, out / f"radius-k{k:g}.png",
+                           title=f"{config.model}, {config.dataset}: certified accuracy, k = {k:g}")

@@ -1,0 +1,88 @@
+"""Specification of ``certprune certify``: one-line errors for bad input, resumable output, the sigma warning."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from certprune.certify.smoothing import Smooth
+from certprune.cli import main
+from certprune.config import load_config, save_config
+from certprune.models import create_model
+from certprune.runs import save_model
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished run as the pipeline leaves it: model.pt and config.yaml (trained with sigma 0.25)."""
+    run_dir = tmp_path / "gaussian"
+    architecture = {"name": "cnn-small", "kwargs": {"in_channels": 1, "image_size": 28, "num_classes": 10}}
+    torch.manual_seed(0)
+    save_model(create_model("cnn-small"), run_dir / "model.pt", architecture)
+    save_config(load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "verify": None}]),
+                run_dir / "config.yaml")
+    return run_dir
+
+
+def certify(*args):
+    return CliRunner().invoke(main, ["certify", *map(str, args)])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], result.output
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--sigma", "0"], "sigma must be"),
+    (["--sigma", "-0.25"], "sigma must be"),
+    (["--n0", "0"], "n0 must be"),
+    (["--n", "0"], "n must be"),
+    (["--n", "-5"], "n must be"),
+    (["--alpha", "0"], "alpha must be"),
+    (["--alpha", "1"], "alpha must be"),
+    (["--alpha", "1.5"], "alpha must be"),
+    (["--skip", "0"], "skip must be"),
+    (["--max", "0"], "max must be"),
+])
+def test_bad_parameters_give_a_one_line_error(run_dir, flags, fragment):
+    assert_one_line_error(certify("--from", run_dir, *flags), fragment)
+    assert not (run_dir / "certify.tsv").exists()
+
+
+def test_an_unreadable_run_gives_a_one_line_error(tmp_path):
+    assert_one_line_error(certify("--from", tmp_path / "missing"), "no trained model")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.pt").write_bytes(b"not a checkpoint")
+    assert_one_line_error(certify("--from", tmp_path / "broken", "--sigma", "0.25"), "cannot read checkpoint")
+
+
+def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruption(run_dir, monkeypatch):
+    original, calls = Smooth.certify, []
+
+    def interrupt_after_two(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Smooth, "certify", interrupt_after_two)
+    result = certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4)
+    assert result.exit_code == 130 and "rerun the same command" in result.output
+    monkeypatch.setattr(Smooth, "certify", original)
+    result = certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4)
+    assert result.exit_code == 0, result.output
+    rows = (run_dir / "certify.tsv").read_text().splitlines()[1:]
+    assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["sigma"] == 0.25 and metrics["n"] == 50 and metrics["alpha"] == 0.001
+    assert set(metrics["certified_acc"]) == {"0", "0.25", "0.5", "0.75", "1"}
+    assert 0 <= metrics["abstain_rate"] <= 1 and metrics["acr"] >= 0 and metrics["certified_examples"] == 4
+
+
+def test_certifying_with_another_sigma_warns_once(run_dir):
+    result = certify("--from", run_dir, "--sigma", 0.5, "--n0", 10, "--n", 20, "--max", 3, "--restart")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("Warning:") == 1 and "trained with sigma=0.25" in result.stderr
