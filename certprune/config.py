@@ -58,12 +58,31 @@ class SmoothingConfig:
 
 
 @dataclass
+class AttackConfig:
+    """PGD evaluation of the final model (certprune.certify.empirical): clean and robust accuracy (``pgd_acc``).
+
+    ``eps`` and ``step_size`` take numbers or fractions like ``8/255``; ``eps`` defaults to the training loss's
+    eps, ``step_size`` to ``2.5 * eps / steps``. ``max_examples`` attacks only the first test images.
+    """
+
+    norm: str = "linf"
+    eps: float | str | None = None
+    steps: int = 50
+    step_size: float | str | None = None
+    restarts: int = 1
+    objective: str = "ce"
+    max_examples: int | None = None
+    batch_size: int = 500
+
+
+@dataclass
 class Config:
     dataset: str = "mnist-embedded"
     data_dir: str | None = None
     model: str = "cnn-small"
     seed: int = 0
     batch_size: int = 128
+    train_examples: int | None = None  # train on the first N training images only (quick runs and tests)
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "crown-ibp", "eps": 0.1})
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=30, lr=1e-3))
     prune: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10, lr=3e-4))
@@ -73,6 +92,7 @@ class Config:
     methods: list[str] = field(default_factory=lambda: ["hydra", "lwm"])
     verify: VerifyConfig | None = field(default_factory=VerifyConfig)
     certify: SmoothingConfig | None = None
+    attack: AttackConfig | None = None
     report_metric: str = "verified_acc"  # the metric of results.md's main column and of sparsity.png
     report_columns: list[str] = field(default_factory=lambda: ["verified_acc_ibp", "verified_acc_crown"])
     report_note: str = ""
@@ -105,7 +125,8 @@ def _build(cls, data: dict[str, Any], where: str):
 
 
 _NESTED = {(Config, "pretrain"): PhaseConfig, (Config, "prune"): PhaseConfig, (Config, "finetune"): PhaseConfig,
-           (Config, "verify"): VerifyConfig, (Config, "certify"): SmoothingConfig}
+           (Config, "verify"): VerifyConfig, (Config, "certify"): SmoothingConfig,
+           (Config, "attack"): AttackConfig}
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -18,13 +18,23 @@ from . import masking
 from .config import Config, PhaseConfig, save_config
 from .data import Dataset, load_dataset
 from .losses import make_loss
-from .runs import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, MODEL_FILE, RunError, atomic_torch_save, atomic_write_text,
-                   build_model, load_model_file, load_state, resolve_model_path, safe_load, save_model,
-                   write_metrics)
+from .runs import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, METRICS_FILE, MODEL_FILE, RunError, atomic_torch_save,
+                   atomic_write_text, build_model, load_model_file, load_state, read_metrics, resolve_model_path,
+                   safe_load, save_model, write_metrics)
 from .train import fit, make_optimizer, make_scheduler
 
 METHODS = ("hydra", "lwm")
 Evaluation = Callable[[nn.Module, Config, Dataset, Path], dict[str, Any]]
+
+
+def load_data(config: Config) -> Dataset:
+    """The config's data set, cut to ``train_examples`` training images when that is set."""
+    data = load_dataset(config.dataset, config.data_dir)
+    if config.train_examples is not None:
+        if config.train_examples <= 0:
+            raise ValueError(f"train_examples must be positive, got {config.train_examples}")
+        data.train_x, data.train_y = data.train_x[:config.train_examples], data.train_y[:config.train_examples]
+    return data
 
 
 def _verify(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
@@ -58,6 +68,16 @@ def _certify_smoothed(model: nn.Module, config: Config, data: Dataset, run_dir: 
 EVALUATIONS.append(_certify_smoothed)
 
 
+def _attack(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
+    """PGD evaluation (config.attack): clean_acc, pgd_acc and the attack's settings."""
+    from .certify.empirical import evaluate_attack
+
+    return evaluate_attack(model, config, data, run_dir)
+
+
+EVALUATIONS.append(_attack)
+
+
 def evaluate(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
     model.eval()
     metrics: dict[str, Any] = {}
@@ -67,6 +87,11 @@ def evaluate(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> 
         with torch.no_grad():
             metrics["clean_acc"] = (model(data.test_x).argmax(1) == data.test_y).float().mean().item()
     return metrics
+
+
+def is_finished(run_dir: Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / MODEL_FILE).exists() and (run_dir / METRICS_FILE).exists() and not (run_dir / CHECKPOINT_FILE).exists()
 
 
 def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict[str, Any] | None:
@@ -81,7 +106,7 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict[str, A
 
 
 def _history_csv(history: list[dict[str, Any]]) -> str:
-    keys = sorted({key for row in history for key in row}, key=lambda k: (k not in ("phase", "epoch"), k))
+    keys = ["phase", "epoch"] + sorted({key for row in history for key in row} - {"phase", "epoch"})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
     writer.writeheader()
@@ -131,8 +156,9 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
             }, run_dir / CHECKPOINT_FILE)
             atomic_write_text(run_dir / "history.csv", _history_csv(history))
 
-        fit(model, loss, optimizer, data.train_x, data.train_y, settings.epochs, config.batch_size, scheduler,
-            generator, start_epoch, save_checkpoint, desc=phase)
+        fit(model, loss, optimizer, data.train_x, data.train_y, settings.epochs, config.batch_size,
+            scheduler=scheduler, generator=generator, start_epoch=start_epoch, on_epoch_end=save_checkpoint,
+            desc=phase)
         completed.append(tag)
     return {"train_seconds": seconds + time.perf_counter() - started}
 
@@ -152,8 +178,10 @@ def _finish(model: nn.Module, config: Config, data: Dataset, run_dir: Path, arch
 def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
     """Train the dense model (phase ``pretrain``) and evaluate it."""
     run_dir = Path(run_dir)
+    if resume and is_finished(run_dir):
+        return read_metrics(run_dir)
     checkpoint = _prepare_run_dir(run_dir, config, resume)
-    data = data or load_dataset(config.dataset, config.data_dir)
+    data = data or load_data(config)
     torch.manual_seed(config.seed)
     architecture = {"name": config.model, "kwargs": data.shape()}
     model = build_model(architecture)
@@ -173,8 +201,10 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
     k = masking.check_k(k)
     if method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
+    if resume and is_finished(run_dir):
+        return read_metrics(run_dir)
     model, architecture = load_model_file(resolve_model_path(source))
-    data = data or load_dataset(config.dataset, config.data_dir)
+    data = data or load_data(config)
     if architecture["kwargs"] != data.shape():
         raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, but {config.dataset} has {data.shape()}")
     run_dir = Path(run_dir)

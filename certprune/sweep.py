@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .data import load_dataset
-from .pipeline import prune, pretrain
+from .pipeline import is_finished, load_data, prune, pretrain
 from .plots import plot_vs_radius, plot_vs_sparsity
-from .runs import MODEL_FILE, METRICS_FILE, RunError, atomic_write_text, read_metrics
+from .runs import RunError, atomic_write_text, read_metrics
 
 DENSE = "dense"
 
@@ -20,24 +19,20 @@ def run_name(method: str, k: float) -> str:
     return f"{method}-k{k:g}"
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / MODEL_FILE).exists() and (run_dir / METRICS_FILE).exists()
-
-
 def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> list[dict[str, Any]]:
     """Run the sweep into ``out`` and write ``results.md`` and ``sparsity.png``; returns every run's metrics."""
     out = Path(out)
-    data = load_dataset(config.dataset, config.data_dir)
+    data = load_data(config)
     dense_dir = Path(source) if source is not None else out / DENSE
-    if source is None and not _finished(dense_dir):
+    if source is None and not is_finished(dense_dir):
         pretrain(config, dense_dir, resume=True, data=data)
-    elif not _finished(dense_dir):
+    elif not is_finished(dense_dir):
         raise RunError(f"--from {dense_dir} holds no finished run")
     rows = [{**read_metrics(dense_dir), "run": DENSE}]
     for k in config.k:
         for method in config.methods:
             run_dir = out / run_name(method, k)
-            if not _finished(run_dir):
+            if not is_finished(run_dir):
                 prune(config, run_dir, k, method, dense_dir, resume=True, data=data)
             rows.append({**read_metrics(run_dir), "run": run_dir.name})
     write_report(rows, out, config)

@@ -56,10 +56,10 @@ def fit(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, train_x:
             for key, number in metrics.items():
                 totals[key] = totals.get(key, 0.0) + number
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}")
-        if scheduler is not None:
-            scheduler.step()
         means = {key: total / steps for key, total in totals.items()}
         means["lr"] = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
         tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
         history.append(means)
         if on_epoch_end is not None:

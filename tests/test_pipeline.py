@@ -1,0 +1,139 @@
+"""Specification of runs: phases, run directories, checkpoints and resume."""
+import json
+
+import pytest
+import torch
+
+from certprune import load_run, masking, pipeline, runs
+from certprune.runs import CHECKPOINT_FILE, FORMAT, RunError, atomic_write_text, safe_load
+from helpers import tiny_config
+
+REQUIRED_METRICS = {"method", "k", "sparsity", "clean_acc", "verified_acc", "verify_method", "eps", "dataset",
+                    "model", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "dense"
+    pipeline.pretrain(tiny_config(), run_dir)
+    return run_dir
+
+
+def test_pretrain_writes_a_complete_run(dense_run):
+    metrics = json.loads((dense_run / "metrics.json").read_text())
+    assert REQUIRED_METRICS <= set(metrics)
+    assert metrics["method"] == "dense" and metrics["k"] == 1.0 and metrics["sparsity"] == 0.0
+    assert metrics["verified_acc"] <= metrics["clean_acc"]
+    assert (dense_run / "config.yaml").exists() and (dense_run / "history.csv").exists()
+    assert not (dense_run / CHECKPOINT_FILE).exists()
+    assert (dense_run / "history.csv").read_text().count("\npretrain,") == 2
+
+
+def test_model_file_loads_with_weights_only(dense_run):
+    data = torch.load(dense_run / "model.pt", weights_only=True)
+    assert data["format"] == FORMAT and data["architecture"]["name"] == "cnn-small"
+
+
+def test_load_run_returns_a_plain_eval_module_on_pixels(dense_run):
+    model = load_run(dense_run)
+    assert not model.training and not any(masking.is_masked(m) for m in model.modules())
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", ["hydra", "lwm"])
+def test_pruned_weights_are_zero_in_model_file_and_after_load_run(dense_run, tmp_path, method):
+    k = 0.1
+    metrics = pipeline.prune(tiny_config(), tmp_path / method, k, method, dense_run)
+    model = load_run(tmp_path / method)
+    for _, layer in masking.prunable_layers(model):
+        assert int((layer.weight != 0).sum()) <= masking.num_kept(k, layer.weight.numel())
+    state = torch.load(tmp_path / method / "model.pt", weights_only=True)["state_dict"]
+    assert sum(int((state[f"{i}.weight"] == 0).sum()) for i in (1, 3, 6, 8)) == round(
+        metrics["sparsity"] * sum(state[f"{i}.weight"].numel() for i in (1, 3, 6, 8)))
+    expected_zeros = sum(layer.weight.numel() - masking.num_kept(k, layer.weight.numel())
+                         for _, layer in masking.prunable_layers(model))
+    assert metrics["sparsity"] == pytest.approx(expected_zeros / sum(l.weight.numel() for _, l in masking.prunable_layers(model)), abs=1e-4)
+    assert metrics["method"] == method and metrics["k"] == k and REQUIRED_METRICS <= set(metrics)
+
+
+def test_lwm_gets_the_same_total_epochs_as_hydra(dense_run, tmp_path):
+    config = tiny_config(prune={"epochs": 2}, finetune={"epochs": 1})
+    pipeline.prune(config, tmp_path / "hydra", 0.1, "hydra", dense_run)
+    pipeline.prune(config, tmp_path / "lwm", 0.1, "lwm", dense_run)
+    hydra = (tmp_path / "hydra" / "history.csv").read_text().splitlines()[1:]
+    lwm = (tmp_path / "lwm" / "history.csv").read_text().splitlines()[1:]
+    assert len(hydra) == len(lwm) == 3
+    assert [row.split(",")[0] for row in hydra] == ["prune", "prune", "finetune"]
+
+
+def test_hydra_without_finetuning_keeps_pretrained_weights_exactly(dense_run, tmp_path):
+    """Score training never moves a weight: every kept weight equals the pretrained one."""
+    pipeline.prune(tiny_config(finetune={"epochs": 0}), tmp_path / "scores-only", 0.1, "hydra", dense_run)
+    dense, pruned = load_run(dense_run), load_run(tmp_path / "scores-only")
+    for (_, before), (_, after) in zip(masking.prunable_layers(dense), masking.prunable_layers(pruned)):
+        kept = after.weight != 0
+        assert torch.equal(after.weight[kept], before.weight[kept])
+        assert torch.equal(after.bias, before.bias)
+
+
+def test_interrupted_run_resumes_from_its_last_epoch_and_ends_identically(tmp_path, monkeypatch):
+    config = tiny_config(pretrain={"epochs": 3, "loss": {"ramp_epochs": 2}})
+    pipeline.pretrain(config, tmp_path / "straight")
+
+    real_fit = pipeline.fit
+
+    def fit_interrupted_after_two_epochs(*args, on_epoch_end=None, **kwargs):
+        def checkpoint_then_stop(epoch, means):
+            on_epoch_end(epoch, means)
+            if epoch == 1:
+                raise KeyboardInterrupt
+        return real_fit(*args, on_epoch_end=checkpoint_then_stop, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", fit_interrupted_after_two_epochs)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.pretrain(config, tmp_path / "resumed")
+    monkeypatch.setattr(pipeline, "fit", real_fit)
+    checkpoint = safe_load(tmp_path / "resumed" / CHECKPOINT_FILE)
+    assert checkpoint["epoch"] == 1 and not (tmp_path / "resumed" / "model.pt").exists()
+
+    with pytest.raises(RunError, match="--resume"):
+        pipeline.pretrain(config, tmp_path / "resumed")
+    pipeline.pretrain(config, tmp_path / "resumed", resume=True)
+    history = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[1] for row in history[1:]] == ["1", "2", "3"]
+    straight, resumed = load_run(tmp_path / "straight"), load_run(tmp_path / "resumed")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_resume_of_a_finished_run_changes_nothing(dense_run):
+    before = (dense_run / "model.pt").read_bytes()
+    pipeline.pretrain(tiny_config(), dense_run, resume=True)
+    assert (dense_run / "model.pt").read_bytes() == before
+
+
+def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def disk_full(stream):
+        stream.write(b"half a fi")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        runs._atomic(target, disk_full)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_checkpoints_are_loaded_with_weights_only(dense_run, monkeypatch):
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    load_run(dense_run)
+    assert calls == [True]
