@@ -16,9 +16,9 @@ from torch import nn
 from . import lirpa_compat, masking
 from .models import Normalize
 
-lirpa_compat.apply()
-with warnings.catch_warnings():
+with warnings.catch_warnings():  # auto_LiRPA 0.3 uses APIs that torch 2 deprecates
     warnings.simplefilter("ignore")
+    lirpa_compat.apply()
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
 METHODS = ("IBP", "CROWN", "CROWN-IBP")

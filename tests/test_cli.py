@@ -1,0 +1,123 @@
+"""The command line end to end on a tiny config, and its answers to bad input: one line, non-zero exit."""
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from certprune.cli import main
+from certprune.models import create_model
+from certprune.runs import FORMAT
+from helpers import TINY
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    result = run("sweep", "--config", config, "--out", root / "sweep")
+    assert result.exit_code == 0, result.output
+    return root / "sweep"
+
+
+def test_sweep_writes_runs_table_and_plot(sweep_dir):
+    assert {p.name for p in sweep_dir.iterdir()} >= {"dense", "hydra-k0.1", "lwm-k0.1", "results.md", "sparsity.png"}
+    table = (sweep_dir / "results.md").read_text()
+    assert "| hydra-k0.1 | hydra | 0.1 | 90.0 |" in table and "| lwm-k0.1 | lwm | 0.1 | 90.0 |" in table
+    assert (sweep_dir / "sparsity.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_again_reuses_finished_runs(sweep_dir):
+    before = (sweep_dir / "hydra-k0.1" / "model.pt").stat().st_mtime_ns
+    config = sweep_dir.parent / "tiny.yaml"
+    assert run("sweep", "--config", config, "--out", sweep_dir).exit_code == 0
+    assert (sweep_dir / "hydra-k0.1" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_verify_updates_the_runs_metrics(sweep_dir):
+    result = run("verify", "--from", sweep_dir / "hydra-k0.1", "--eps", 0.01, "--method", "ibp", "--max", 32)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((sweep_dir / "hydra-k0.1" / "metrics.json").read_text())
+    assert metrics["eps"] == 0.01 and metrics["verified_examples"] == 32
+    assert metrics["verified_acc"] <= metrics["clean_acc"]
+
+
+def test_plot_draws_a_png(sweep_dir, tmp_path):
+    result = run("plot", sweep_dir, "--out", tmp_path / "plot.png")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prune_one_liner_with_from(sweep_dir, tmp_path):
+    result = run("prune", "--loss", "ibp", "--eps", 0.05, "--k", 0.05, "--from", sweep_dir / "dense", "--out",
+                 tmp_path / "run", "--set", "train_examples=128", "--set", "prune.epochs=1",
+                 "--set", "finetune.epochs=1", "--set", "verify.max_examples=16")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["method"] == "hydra" and metrics["k"] == 0.05 and metrics["sparsity"] > 0.94
+
+
+@pytest.mark.parametrize("k", ["0", "1.5", "-0.1", "nan", "abc"])
+def test_bad_k(sweep_dir, k):
+    result = run("prune", "--k", k, "--from", sweep_dir / "dense")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "k" in result.output.splitlines()[-1]
+
+
+def test_missing_from(tmp_path):
+    assert_one_line_error(run("prune", "--k", 0.1, "--from", tmp_path / "nowhere"), "no trained model")
+
+
+def test_corrupted_checkpoint(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint at all")
+    assert_one_line_error(run("prune", "--k", 0.1, "--from", tmp_path), "cannot read checkpoint")
+
+
+def test_foreign_checkpoint(tmp_path):
+    torch.save({"model": create_model("cnn-small").state_dict()}, tmp_path / "model.pt")
+    assert_one_line_error(run("prune", "--k", 0.1, "--from", tmp_path), "not a certprune checkpoint")
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    architecture = {"name": "cnn-small", "kwargs": {"in_channels": 1, "image_size": 28, "num_classes": 10}}
+    state = create_model("cnn-large").state_dict()
+    torch.save({"format": FORMAT, "architecture": architecture, "state_dict": state}, tmp_path / "model.pt")
+    assert_one_line_error(run("prune", "--k", 0.1, "--from", tmp_path), "does not fit this architecture")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [("--loss", "hinge", "unknown loss"),
+                                                   ("--model", "resnet-9000", "unknown model"),
+                                                   ("--dataset", "imagenet", "unknown dataset")])
+def test_unknown_names(tmp_path, flag, value, fragment):
+    result = run("pretrain", flag, value, "--out", tmp_path / "run", "--set", "pretrain.epochs=1")
+    assert_one_line_error(result, fragment)
+
+
+def test_dataset_path_that_is_not_there(tmp_path):
+    result = run("pretrain", "--dataset", "mnist", "--data-dir", tmp_path / "missing", "--out", tmp_path / "run")
+    assert_one_line_error(result, "does not exist")
+
+
+def test_bad_config_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("prune: {epochs: 1, colour: red}\n")
+    assert_one_line_error(run("pretrain", "--config", tmp_path / "bad.yaml"), "unknown config key prune.colour")
+    assert_one_line_error(run("pretrain", "--config", tmp_path / "none.yaml"), "does not exist")
+
+
+def test_existing_run_is_never_overwritten(sweep_dir):
+    assert_one_line_error(run("pretrain", "--out", sweep_dir / "dense", "--set", "pretrain.epochs=1"), "--resume")
