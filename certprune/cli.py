@@ -183,6 +183,46 @@ def sweep(out, source, **options):
 
 
 @main.command()
+@click.option("--from", "source", type=click.Path(), required=True, help="Run directory (or model.pt) to attack.")
+@click.option("--attack", type=click.Choice(["pgd"]), default="pgd", show_default=True)
+@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
+@click.option("--eps", help="Budget in pixel space, a number or a fraction like 8/255 [the run's training eps].")
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--step-size", help="Step size, a number or a fraction [2.5 * eps / steps].")
+@click.option("--restarts", type=int, default=1, show_default=True, help="Random starts; the worst counts.")
+@click.option("--objective", type=click.Choice(["ce", "margin"]), default="ce", show_default=True)
+@click.option("--max", "max_examples", type=int, help="Attack only the first N test images.")
+@click.option("--batch-size", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
+@_one_line_errors
+def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max_examples, batch_size, seed):
+    """Clean and PGD (robust) accuracy of a run; written into its metrics.json as pgd_acc and attack."""
+    import torch
+
+    from .certify.empirical import attack_accuracy, make_attack
+    from .config import AttackConfig
+    from .data import load_dataset
+    from .runs import CONFIG_FILE, load_run, resolve_model_path, update_metrics
+
+    settings = AttackConfig(norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=restarts,
+                            objective=objective, max_examples=max_examples, batch_size=batch_size)
+    if eps is not None:
+        make_attack(settings, None)  # bad settings fail before any file is read
+    if max_examples is not None and max_examples <= 0:
+        raise ValueError(f"--max must be a positive number of images, got {max_examples}")
+    model_path = resolve_model_path(source)
+    config = load_config(model_path.parent / CONFIG_FILE) if (model_path.parent / CONFIG_FILE).exists() else load_config()
+    pgd = make_attack(settings, config.loss.get("eps"))
+    data = load_dataset(config.dataset, config.data_dir)
+    x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
+    torch.manual_seed(seed)
+    result = attack_accuracy(load_run(model_path), x, y, pgd, batch_size)
+    if model_path.parent.is_dir():
+        update_metrics(model_path.parent, **result)
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False))
 @click.option("--metric", help="Metric to plot [the sweep's report_metric].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="PNG file [SWEEP_DIR/sparsity.png].")

@@ -99,6 +99,8 @@ LOSSES: dict[str, Callable[..., Loss]] = {
     "crown-ibp": BoundLoss,
 }
 # Other certification paths register their losses below (one line each).
+from .losses_adversarial import PGDAdversarialLoss, TradesLoss  # noqa: E402  (empirical robustness)
+LOSSES.update({"pgd": PGDAdversarialLoss, "trades": TradesLoss})
 from .losses_noise import GaussianLoss, StabilityLoss  # noqa: E402  (randomized smoothing)
 LOSSES.update({"gaussian": GaussianLoss, "stability": StabilityLoss})
 

@@ -1,0 +1,48 @@
+"""CIFAR-style ResNet-18 (He et al. 2016) with batch norm: a 3x3 stem without max-pool, four stages of two basic
+blocks (64, 128, 256, 512 channels), global average pooling (about 11M weights)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import normalize
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks_per_stage, in_channels: int, num_classes: int, mean=None, std=None):
+        super().__init__()
+        self.normalize = normalize(in_channels, mean, std)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        stages, planes = [], 64
+        for index, (width, count) in enumerate(zip((64, 128, 256, 512), blocks_per_stage)):
+            stride = 1 if index == 0 else 2
+            for b in range(count):
+                stages.append(BasicBlock(planes, width, stride if b == 0 else 1))
+                planes = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(planes, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.stages(self.stem(self.normalize(x)))).flatten(1))
+
+
+def resnet18(in_channels=3, image_size=32, num_classes=10, mean=None, std=None) -> ResNet:
+    """ResNet-18 for CIFAR-size inputs (any image size: global average pooling)."""
+    return ResNet((2, 2, 2, 2), in_channels, num_classes, mean, std)
