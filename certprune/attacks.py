@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 NORMS = ("linf", "l2")
 OBJECTIVES = ("ce", "margin")
@@ -156,7 +157,8 @@ class PGD:
         x = x.detach()
         if self.eps == 0:
             return x.clone()
-        with eval_mode(model), torch.enable_grad():
+        # The weights are constant during an attack, so parametrized weights (masked layers) are computed once.
+        with eval_mode(model), torch.enable_grad(), parametrize.cached():
             best = x.clone()
             best_value = torch.full((len(x),), float("-inf"), device=x.device)
             best_fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)

@@ -1,10 +1,14 @@
 """Specification of the empirical-robustness losses (PGD-AT, TRADES) and the batch-norm models on the masked core."""
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from certprune import masking
+from certprune.attacks import parse_eps
+from certprune.certify.empirical import make_attack
 from certprune.config import load_config
 from certprune.data import Dataset
 from certprune.losses import LOSSES, make_loss
@@ -14,6 +18,7 @@ from certprune.pipeline import pretrain, prune
 from certprune.runs import read_metrics
 
 BN_MODELS = ["vgg16-bn", "wrn-28-4", "resnet-18"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mlp():
@@ -134,3 +139,15 @@ def test_pipeline_trains_prunes_and_attacks_under_pgd(tmp_path):
     pruned = prune(config, tmp_path / "hydra", 0.1, "hydra", tmp_path / "dense", data=data)
     assert read_metrics(tmp_path / "hydra")["pgd_acc"] == pruned["pgd_acc"]
     assert pruned["sparsity"] >= 0.89
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml")
+                                        if "adversarial" in p.name or p.parent.name == "paper"))
+def test_shipped_adversarial_configs_build_their_losses_and_attacks(path):
+    config = load_config(path)
+    for phase in ("pretrain", "prune", "finetune"):
+        name, params = config.phase_loss(phase)
+        assert isinstance(make_loss(name, **params), (PGDAdversarialLoss, TradesLoss))
+    attack = make_attack(config.attack, config.loss["eps"])
+    assert attack.eps == parse_eps(config.loss["eps"]) > 0
+    assert config.model in MODELS and config.report_metric == "pgd_acc"
