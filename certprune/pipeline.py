@@ -168,7 +168,8 @@ def _finish(model: nn.Module, config: Config, data: Dataset, run_dir: Path, arch
     save_model(model, run_dir / MODEL_FILE, architecture)
     final, _ = load_model_file(run_dir / MODEL_FILE)  # evaluate exactly what was saved
     metrics = {**facts, **evaluate(final, config, data, run_dir), "sparsity": masking.sparsity(final),
-               "dataset": config.dataset, "model": config.model, "loss": config.loss_name, "seed": config.seed}
+               "dataset": config.dataset, "model": architecture["name"], "loss": config.loss_name,
+               "seed": config.seed}
     metrics["seconds"] = metrics.pop("train_seconds", 0.0) + time.perf_counter() - started
     write_metrics(run_dir, metrics)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
