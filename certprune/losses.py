@@ -66,7 +66,8 @@ class BoundLoss:
 
     def __call__(self, model, x, y, epoch):
         eps, kappa, beta = self.eps(epoch), self.kappa(epoch), self.beta(epoch)
-        logits = model(x)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and kappa > 0):  # kappa = 0: logits only for metrics
+            logits = model(x)
         natural = F.cross_entropy(logits, y)
         metrics = {"acc": accuracy(logits, y), "eps": eps, "kappa": kappa, "beta": beta}
         if eps == 0 or kappa == 1:
@@ -79,7 +80,7 @@ class BoundLoss:
         else:
             lower = proxy.margin_lower_bounds(x, y, eps, "IBP")
         robust = robust_cross_entropy(lower)
-        loss = kappa * natural + (1 - kappa) * robust
+        loss = robust if kappa == 0 else kappa * natural + (1 - kappa) * robust
         metrics.update(loss=loss.item(), robust_loss=robust.item(),
                        verified_acc=(lower.min(1).values > 0).float().mean().item())
         return loss, metrics

@@ -86,6 +86,15 @@ class TopKMask(nn.Module):
         return f"k={self.k}, kept={self.count}/{self.scores.numel()}"
 
 
+def cached():
+    """Context in which each mask and effective weight is computed once, however often it is read.
+
+    A training step reads every effective weight at least twice (the forward pass, and the copy into auto_LiRPA's
+    proxy), and each read would otherwise redo the layer's top-k.
+    """
+    return parametrize.cached()
+
+
 def scaled_scores(weight: torch.Tensor) -> torch.Tensor:
     """HYDRA's scaled initialisation ``sqrt(6 / fan_in) * w / max|w|``: ranks like |w|, scaled like Kaiming."""
     fan_in = weight[0].numel()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import masking
 from .config import PhaseConfig
 from .data import batches
 from .losses import Loss
@@ -49,7 +50,8 @@ def fit(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, train_x:
         bar = tqdm(batches(train_x, train_y, batch_size, shuffle=True, generator=generator), total=steps,
                    desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
         for step, (x, y) in enumerate(bar):
-            value, metrics = loss(model, x, y, epoch + step / steps)
+            with masking.cached():
+                value, metrics = loss(model, x, y, epoch + step / steps)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
