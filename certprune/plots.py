@@ -45,7 +45,8 @@ def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str
     ``rows`` are runs' metrics with ``method``, ``k`` and ``metric`` (a mapping radius string -> accuracy).
     """
     figure, axis = plt.subplots(figsize=(6, 4))
-    for row in sorted(rows, key=lambda r: r.get("method") != "dense"):
+    order = ["dense", "hydra", "lwm"]  # the legend: the dense reference first
+    for row in sorted(rows, key=lambda r: order.index(r["method"]) if r.get("method") in order else len(order)):
         method = row.get("method")
         if not isinstance(row.get(metric), dict) or method not in COLORS:
             continue
@@ -54,6 +55,10 @@ def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str
         points = sorted((float(radius), value) for radius, value in row[metric].items())
         axis.plot([r for r, _ in points], [100 * v for _, v in points], "o--" if method == "dense" else "o-",
                   color=COLORS[method], label="dense" if method == "dense" else f"{method.upper()} k={k:g}")
+    limits = [row["certifiable_radius_max"] for row in rows if "certifiable_radius_max" in row
+              and (row.get("method") == "dense" or row.get("k") == k)]
+    if limits:  # no radius beyond it can be certified with the number of samples used
+        axis.axvline(min(limits), color="gray", linestyle=":", label=f"largest certifiable radius ({min(limits):.3g})")
     axis.set_xlabel("L2 radius (pixel space)")
     axis.set_ylabel("certified accuracy (%)")
     axis.set_title(title or f"certified accuracy against radius, k = {k:g}")

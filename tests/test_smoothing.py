@@ -287,3 +287,23 @@ def test_the_summary_counts_an_abstention_as_wrong_and_averages_radii_of_correct
     summary = summarize(rows, [0.0, 0.25, 0.5, 1.0])
     assert summary["certified_acc"] == {"0": 0.5, "0.25": 0.25, "0.5": 0.25, "1": 0.0}
     assert summary["abstain_rate"] == 0.25 and summary["acr"] == pytest.approx(0.2)
+
+
+# ---- the pipeline and the sweep ------------------------------------------------------------------------------
+
+
+def test_a_sweep_certifies_every_run_and_plots_certified_accuracy_against_radius(tmp_path):
+    from certprune.sweep import sweep
+
+    config = load_config(None, [{
+        "batch_size": 64, "train_examples": 256, "loss": {"name": "gaussian", "sigma": 0.25},
+        "pretrain": {"epochs": 1, "lr": 0.002}, "prune": {"epochs": 1}, "finetune": {"epochs": 1}, "k": [0.1],
+        "verify": None, "certify": {"n0": 10, "n": 50, "batch": 64, "max": 3},
+        "report_metric": "certified_acc_0.5", "report_columns": ["certified_acc_0", "acr"]}])
+    rows = sweep(config, tmp_path)
+    assert [row["run"] for row in rows] == ["dense", "hydra-k0.1", "lwm-k0.1"]
+    for row in rows:
+        assert row["sigma"] == row["train_sigma"] == 0.25 and row["certified_examples"] == 3
+        assert len(_lines(tmp_path / row["run"])) == 1 + 3
+    assert "certified_acc_0.5" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "sparsity.png").exists() and (tmp_path / "radius-k0.1.png").exists()
