@@ -64,7 +64,7 @@ def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str
     axis.set_title(title or f"certified accuracy against radius, k = {k:g}")
     axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="center right", fontsize="small")  # beyond the certifiable radius every curve is at 0
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
