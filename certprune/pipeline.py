@@ -164,7 +164,9 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
 
 
 def _finish(model: nn.Module, config: Config, data: Dataset, run_dir: Path, architecture: dict[str, Any],
-            facts: dict[str, Any], started: float) -> dict[str, Any]:
+            facts: dict[str, Any]) -> dict[str, Any]:
+    """Save and evaluate the final model; ``seconds`` is training (over every resumed session) plus evaluation."""
+    started = time.perf_counter()
     save_model(model, run_dir / MODEL_FILE, architecture)
     final, _ = load_model_file(run_dir / MODEL_FILE)  # evaluate exactly what was saved
     metrics = {**facts, **evaluate(final, config, data, run_dir), "sparsity": masking.sparsity(final),
@@ -186,9 +188,8 @@ def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Da
     torch.manual_seed(config.seed)
     architecture = {"name": config.model, "kwargs": data.shape()}
     model = build_model(architecture)
-    started = time.perf_counter()
     facts = train_phases(model, [("pretrain", config.pretrain)], config, data, run_dir, checkpoint, architecture)
-    return _finish(model, config, data, run_dir, architecture, {**facts, "method": "dense", "k": 1.0}, started)
+    return _finish(model, config, data, run_dir, architecture, {**facts, "method": "dense", "k": 1.0})
 
 
 def prune(config: Config, run_dir: str | Path, k: float, method: str, source: str | Path, resume: bool = False,
@@ -217,7 +218,6 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
     else:
         total = config.prune.epochs + config.finetune.epochs
         phases = [("finetune", PhaseConfig(**{**config.finetune.__dict__, "epochs": total}))]
-    started = time.perf_counter()
     facts = train_phases(model, phases, config, data, run_dir, checkpoint, architecture)
     facts.update(method=method, k=k, source=str(source))
-    return _finish(model, config, data, run_dir, architecture, facts, started)
+    return _finish(model, config, data, run_dir, architecture, facts)
