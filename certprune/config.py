@@ -81,7 +81,8 @@ class Config:
     data_dir: str | None = None
     model: str = "cnn-small"
     seed: int = 0
-    batch_size: int = 128
+    device: str = "auto"  # auto | cpu | cuda | cuda:<index> (certprune.devices); torchrun: each process its GPU
+    batch_size: int = 128  # under torchrun the whole batch, shared out over the processes
     train_examples: int | None = None  # train on the first N training images only (quick runs and tests)
     loss: dict[str, Any] = field(default_factory=lambda: {"name": "crown-ibp", "eps": 0.1})
     pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=30, lr=1e-3))

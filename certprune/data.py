@@ -167,8 +167,14 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
             generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of in-memory tensors (a DataLoader's workers would only add overhead here)."""
-    order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
+    """Mini-batches of in-memory tensors (a DataLoader's workers would only add overhead here).
+
+    The shuffled order is drawn on the CPU (the same order on every device) and indexes the data where it lies."""
+    if not shuffle:
+        for start in range(0, len(x), batch_size):
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        return
+    order = torch.randperm(len(x), generator=generator).to(x.device)
     for start in range(0, len(x), batch_size):
         index = order[start:start + batch_size]
         yield x[index], y[index]

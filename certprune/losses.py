@@ -16,12 +16,16 @@ from .schedules import Interpolate, Ramp
 
 
 class Loss(Protocol):
+    """``model`` may be a DistributedDataParallel wrapper (torchrun); metrics are floats or 0-dim tensors, which
+    the training loop sums where they are (no host round-trip per batch)."""
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 epoch: float) -> tuple[torch.Tensor, dict[str, float]]: ...
+                 epoch: float) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]: ...
 
 
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of ``logits`` whose argmax is ``y``, as a 0-dim tensor on their device (``float()`` it to read)."""
+    return (logits.argmax(1) == y).float().mean().detach()
 
 
 class NaturalLoss:
@@ -30,7 +34,7 @@ class NaturalLoss:
     def __call__(self, model, x, y, epoch):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": accuracy(logits, y)}
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}
 
 
 def robust_cross_entropy(margin_lower: torch.Tensor) -> torch.Tensor:
@@ -58,8 +62,10 @@ class BoundLoss:
         self._proxy = None
 
     def proxy(self, model: nn.Module, x: torch.Tensor):
+        from .distributed import unwrap
         from .lirpa import BoundedProxy  # auto_LiRPA loads only when a bound is needed
 
+        model = unwrap(model)  # the proxy reads the layers themselves; gradients still reach DDP's hooks
         if self._proxy is None or self._proxy.model is not model:
             self._proxy = BoundedProxy(model, x)
         return self._proxy
@@ -70,7 +76,7 @@ class BoundLoss:
         natural = F.cross_entropy(logits, y)
         metrics = {"acc": accuracy(logits, y), "eps": eps, "kappa": kappa, "beta": beta}
         if eps == 0 or kappa == 1:
-            metrics["loss"] = natural.item()
+            metrics["loss"] = natural.detach()
             return natural, metrics
         proxy = self.proxy(model, x)
         if beta > 0:
@@ -80,8 +86,8 @@ class BoundLoss:
             lower = proxy.margin_lower_bounds(x, y, eps, "IBP")
         robust = robust_cross_entropy(lower)
         loss = robust if kappa == 0 else kappa * natural + (1 - kappa) * robust
-        metrics.update(loss=loss.item(), robust_loss=robust.item(),
-                       verified_acc=(lower.min(1).values > 0).float().mean().item())
+        metrics.update(loss=loss.detach(), robust_loss=robust.detach(),
+                       verified_acc=(lower.min(1).values > 0).float().mean().detach())
         return loss, metrics
 
 

@@ -14,9 +14,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import masking
+from . import distributed, masking
 from .config import Config, PhaseConfig, save_config
 from .data import Dataset, load_dataset
+from .devices import model_device, resolve_device
 from .losses import make_loss
 from .runs import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, METRICS_FILE, MODEL_FILE, RunError, atomic_torch_save,
                    atomic_write_text, build_model, load_model_file, load_state, read_metrics, resolve_model_path,
@@ -34,6 +35,13 @@ def load_data(config: Config) -> Dataset:
         if config.train_examples <= 0:
             raise ValueError(f"train_examples must be positive, got {config.train_examples}")
         data.train_x, data.train_y = data.train_x[:config.train_examples], data.train_y[:config.train_examples]
+    return data
+
+
+def data_on(data: Dataset, device: torch.device) -> Dataset:
+    """Move the data set's tensors to ``device`` (in place): in-memory data sets are small enough to hold there."""
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        setattr(data, name, getattr(data, name).to(device))
     return data
 
 
@@ -100,8 +108,10 @@ def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict[str, A
     checkpoint = run_dir / CHECKPOINT_FILE
     if not resume and (checkpoint.exists() or (run_dir / MODEL_FILE).exists()):
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / CONFIG_FILE)
+    if distributed.is_main():  # under torchrun only rank 0 writes the run directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / CONFIG_FILE)
+    distributed.barrier()
     return safe_load(checkpoint) if resume and checkpoint.exists() else None
 
 
@@ -121,6 +131,7 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
     completed: list[str] = []
     history: list[dict[str, Any]] = []
     seconds = 0.0
+    device = model_device(model)
     if checkpoint is not None:
         load_state(model, checkpoint["model"], run_dir / CHECKPOINT_FILE)
         completed, history, seconds = list(checkpoint["completed"]), list(checkpoint["history"]), checkpoint["seconds"]
@@ -141,22 +152,27 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
             scheduler.load_state_dict(checkpoint["scheduler"])
             generator.set_state(checkpoint["generator"])
             torch.set_rng_state(checkpoint["rng"])
+            if device.type == "cuda" and "cuda_rng" in checkpoint:
+                torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
             start_epoch = checkpoint["epoch"] + 1
 
         def save_checkpoint(epoch: int, means: dict[str, float], tag=tag, optimizer=optimizer,
                             scheduler=scheduler, generator=generator, settings=settings) -> None:
             history.append({"phase": phase, "epoch": epoch + 1, **means})
+            if not distributed.is_main():
+                return
             done = completed + [tag] if epoch + 1 == settings.epochs else completed
+            cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
             atomic_torch_save({
                 "format": FORMAT, "architecture": architecture, "completed": done, "phase": tag, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                 "rng": torch.get_rng_state(), "history": history,
-                "seconds": seconds + time.perf_counter() - started,
+                "seconds": seconds + time.perf_counter() - started, **cuda_rng,
             }, run_dir / CHECKPOINT_FILE)
             atomic_write_text(run_dir / "history.csv", _history_csv(history))
 
-        fit(model, loss, optimizer, data.train_x, data.train_y, settings.epochs, config.batch_size,
+        fit(distributed.wrap(model), loss, optimizer, data.train_x, data.train_y, settings.epochs, config.batch_size,
             scheduler=scheduler, generator=generator, start_epoch=start_epoch, on_epoch_end=save_checkpoint,
             desc=phase)
         completed.append(tag)
@@ -167,14 +183,19 @@ def _finish(model: nn.Module, config: Config, data: Dataset, run_dir: Path, arch
             facts: dict[str, Any]) -> dict[str, Any]:
     """Save and evaluate the final model; ``seconds`` is training (over every resumed session) plus evaluation."""
     started = time.perf_counter()
-    save_model(model, run_dir / MODEL_FILE, architecture)
-    final, _ = load_model_file(run_dir / MODEL_FILE)  # evaluate exactly what was saved
+    if distributed.is_main():
+        save_model(model, run_dir / MODEL_FILE, architecture)
+    distributed.barrier()
+    final, _ = load_model_file(run_dir / MODEL_FILE)  # evaluate exactly what was saved (each rank its share)
+    final = final.to(model_device(model))
     metrics = {**facts, **evaluate(final, config, data, run_dir), "sparsity": masking.sparsity(final),
                "dataset": config.dataset, "model": architecture["name"], "loss": config.loss_name,
                "seed": config.seed}
     metrics["seconds"] = metrics.pop("train_seconds", 0.0) + time.perf_counter() - started
-    write_metrics(run_dir, metrics)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if distributed.is_main():
+        write_metrics(run_dir, metrics)
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    distributed.barrier()
     return metrics
 
 
@@ -183,11 +204,12 @@ def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Da
     run_dir = Path(run_dir)
     if resume and is_finished(run_dir):
         return read_metrics(run_dir)
+    device = resolve_device(config.device)
     checkpoint = _prepare_run_dir(run_dir, config, resume)
-    data = data or load_data(config)
+    data = data_on(data or load_data(config), device)
     torch.manual_seed(config.seed)
     architecture = {"name": config.model, "kwargs": data.shape()}
-    model = build_model(architecture)
+    model = build_model(architecture).to(device)
     facts = train_phases(model, [("pretrain", config.pretrain)], config, data, run_dir, checkpoint, architecture)
     return _finish(model, config, data, run_dir, architecture, {**facts, "method": "dense", "k": 1.0})
 
@@ -205,8 +227,10 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
     if resume and is_finished(run_dir):
         return read_metrics(run_dir)
+    device = resolve_device(config.device)
     model, architecture = load_model_file(resolve_model_path(source))
-    data = data or load_data(config)
+    model = model.to(device)
+    data = data_on(data or load_data(config), device)
     if architecture["kwargs"] != data.shape():
         raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, but {config.dataset} has {data.shape()}")
     run_dir = Path(run_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .config import Config
 from .pipeline import is_finished, load_data, prune, pretrain
 from .plots import plot_vs_radius, plot_vs_sparsity
@@ -35,7 +36,8 @@ def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> 
             if not is_finished(run_dir):
                 prune(config, run_dir, k, method, dense_dir, resume=True, data=data)
             rows.append({**read_metrics(run_dir), "run": run_dir.name})
-    write_report(rows, out, config)
+    if distributed.is_main():  # under torchrun rank 0 writes the report
+        write_report(rows, out, config)
     return rows
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import masking
+from . import distributed, masking
 from .config import PhaseConfig
 from .data import batches
 from .losses import Loss
@@ -41,28 +41,46 @@ def fit(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, train_x:
         start_epoch: int = 0, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
         desc: str = "train") -> list[dict[str, float]]:
     """Train for epochs ``start_epoch .. epochs-1``; ``on_epoch_end(epoch, mean_metrics)`` follows each epoch
-    (the pipeline checkpoints there). Returns the per-epoch mean metrics."""
+    (the pipeline checkpoints there). Returns the per-epoch mean metrics.
+
+    Under torchrun, ``model`` is the DDP wrapper (:func:`certprune.distributed.wrap`): every rank draws the same
+    shuffled order from ``generator`` and trains on its share of each batch (every world_size-th image)."""
     history = []
     steps = math.ceil(len(train_x) / batch_size)
+    rank, world = distributed.rank(), distributed.world_size()
     for epoch in range(start_epoch, epochs):
         model.train()
-        totals: dict[str, float] = {}
+        if world > 1 and generator is not None:  # each rank its own noise / random starts, resumable per epoch
+            torch.manual_seed(generator.initial_seed() * 1009 + epoch * 101 + rank)
+        totals: dict[str, float | torch.Tensor] = {}
+        done = 0
         bar = tqdm(batches(train_x, train_y, batch_size, shuffle=True, generator=generator), total=steps,
-                   desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
+                   desc=f"{desc} {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                   disable=None if rank == 0 else True)
         for step, (x, y) in enumerate(bar):
+            size = len(x)
+            if world > 1:  # this rank's share of the batch (model is DDP-wrapped: gradients are averaged)
+                if size < world:
+                    continue  # a last batch too small to share is skipped by every rank alike
+                x, y = x[rank::world], y[rank::world]
             with masking.cached():
                 value, metrics = loss(model, x, y, epoch + step / steps)
+            if world > 1:  # DDP averages over ranks: weigh each share so the gradient is the whole batch's mean
+                value = value * (len(x) * world / size)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
-            for key, number in metrics.items():
-                totals[key] = totals.get(key, 0.0) + number
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['acc']:.3f}")
-        means = {key: total / steps for key, total in totals.items()}
+            done += 1
+            for key, number in metrics.items():  # summed where they are (on the device): no sync per batch
+                totals[key] = totals.get(key, 0.0) + (number.detach() if torch.is_tensor(number) else number)
+            if not bar.disable:
+                bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", acc=f"{float(metrics['acc']):.3f}")
+        means = distributed.mean_across_ranks({key: float(total) / max(1, done) for key, total in totals.items()})
         means["lr"] = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
+        if rank == 0:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(means.items())))
         history.append(means)
         if on_epoch_end is not None:
             on_epoch_end(epoch, means)
