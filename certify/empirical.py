@@ -6,6 +6,7 @@ true robust accuracy (a stronger attack can only lower it), unlike the verified 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -13,31 +14,50 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from certprune import distributed
 from certprune.attacks import PGD, eval_mode, parse_eps
-from certprune.data import batches
 
 
 def attack_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: PGD,
-                    batch_size: int = 500) -> dict[str, Any]:
+                    batch_size: int = 500, seed: int | None = None) -> dict[str, Any]:
     """``clean_acc``, ``pgd_acc`` (robust accuracy under ``attack``), the number of images and the attack's
-    settings (``attack``: norm, eps, steps, step size, restarts, objective, start)."""
+    settings (``attack``: norm, eps, steps, step size, restarts, objective, start). See :func:`attack_examples`."""
+    clean_t, robust_t = attack_examples(model, x, y, attack, batch_size, seed)
+    return {"clean_acc": clean_t.float().mean().item(), "pgd_acc": robust_t.float().mean().item(),
+            "attack_examples": len(x), "attack": attack.describe()}
+
+
+def attack_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: PGD, batch_size: int = 500,
+                    seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: classified correctly, and still correctly under the attack (boolean vectors of ``len(x)``).
+
+    With a ``seed``, the random starts of batch ``b`` (images ``b * batch_size ...``) are drawn from torch's
+    generator seeded by ``(seed, b)`` (the caller's generator state is restored afterwards). Under torchrun each
+    process attacks every world_size-th batch and the vectors are merged: with a seed, the single-process result.
+    """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
     if len(x) == 0:
         raise ValueError("no test images to attack")
-    clean, robust = [], []
-    with eval_mode(model):
-        for xb, yb in tqdm(batches(x, y, batch_size), total=-(-len(x) // batch_size), desc="pgd", leave=False,
-                           disable=None):
+    positions = distributed.shard(len(x), batch_size)
+    n, x, y = len(x), x[positions], y[positions]
+    first = torch.arange(n)[positions][::batch_size].tolist()  # each local batch's first image in the whole set
+    clean = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    robust = torch.zeros_like(clean)
+    devices = [x.device] if x.device.type == "cuda" else []
+    rng = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
+    with eval_mode(model), rng:
+        for number, start in enumerate(tqdm(range(0, len(x), batch_size), desc="pgd", leave=False, disable=None)):
+            part = slice(start, start + batch_size)
+            xb, yb = x[part], y[part]
+            if seed is not None:
+                torch.manual_seed(int(seed) * 1_000_003 + first[number] // batch_size)
             with torch.no_grad():
-                correct = model(xb).argmax(1) == yb
+                clean[part] = model(xb).argmax(1) == yb
             x_adv = attack.perturb(model, xb, yb)
             with torch.no_grad():
-                robust.append(correct & (model(x_adv).argmax(1) == yb))
-            clean.append(correct)
-    clean_t, robust_t = torch.cat(clean), torch.cat(robust)
-    return {"clean_acc": clean_t.float().mean().item(), "pgd_acc": robust_t.float().mean().item(),
-            "attack_examples": len(x), "attack": attack.describe()}
+                robust[part] = clean[part] & (model(x_adv).argmax(1) == yb)
+    return distributed.merge(clean, positions, n), distributed.merge(robust, positions, n)
 
 
 def make_attack(settings, default_eps) -> PGD:
@@ -58,4 +78,4 @@ def evaluate_attack(model: nn.Module, config, data, run_dir: Path | None = None)
     x, y = data.test_x, data.test_y
     if settings.max_examples is not None:
         x, y = x[:settings.max_examples], y[:settings.max_examples]
-    return attack_accuracy(model, x, y, attack, settings.batch_size)
+    return attack_accuracy(model, x, y, attack, settings.batch_size, seed=config.seed)

@@ -29,6 +29,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import nn
 from tqdm.auto import tqdm
 
+from certprune import distributed
 from certprune.config import PhaseConfig, SmoothingConfig, load_config
 from certprune.data import load_dataset
 from certprune.masking import PHASES
@@ -36,6 +37,7 @@ from certprune.runs import CONFIG_FILE, RunError, atomic_write_text, load_run, r
 
 ABSTAIN = -1
 TSV_FILE, SETTINGS_FILE = "certify.tsv", "certify.json"
+SHARD_FILES = "certify.rank*.tsv"  # under torchrun, each process's rows until they are merged into certify.tsv
 TSV_COLUMNS = ("index", "label", "prediction", "radius", "correct", "seconds")
 
 
@@ -236,6 +238,20 @@ def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
     return rows
 
 
+def _read_all_rows(run_dir: Path, y: torch.Tensor) -> dict[int, dict[str, Any]]:
+    """The rows of certify.tsv and of the shard files an interrupted torchrun left, checked against the labels."""
+    rows: dict[int, dict[str, Any]] = {}
+    labels = y.cpu()
+    for path in (run_dir / TSV_FILE, *sorted(run_dir.glob(SHARD_FILES))):
+        for index, row in _read_rows(path).items():
+            if index in rows:
+                raise RunError(f"{path} holds index {index} twice; pass --restart to start over")
+            if not (0 <= index < len(labels)) or row["label"] != int(labels[index]):
+                raise RunError(f"{path} row {index} does not match this data set; pass --restart")
+            rows[index] = row
+    return rows
+
+
 def _format_row(row: dict[str, Any]) -> str:
     # repr() round-trips the radius exactly: rounding it could only push a radius up past a reported threshold
     return "\t".join([str(row["index"]), str(row["label"]), str(row["prediction"]), repr(row["radius"]),
@@ -272,6 +288,10 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
     ``(seed, index)``, so a resumed run gives the lines an uninterrupted one would. Resuming with other settings
     (sigma, n0, n, alpha, seed) or another model is an error unless ``restart``. ``trained_sigmas`` are the run's
     training noise levels (see :func:`training_sigmas`); certifying with another sigma warns once.
+
+    Under torchrun each process certifies every world_size-th selected image into its own ``certify.rank<r>.tsv``;
+    rank 0 then merges them into ``certify.tsv`` in index order: the rows of a single-process run, since each
+    image's noise depends only on ``(seed, index)``. Every process returns the same summary.
     """
     run_dir = Path(run_dir)
     settings = SmoothingConfig(**{**settings.__dict__, "sigma": resolve_sigma(settings.sigma, trained_sigmas or [])})
@@ -288,11 +308,11 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
     identity = {"sigma": settings.sigma, "n0": settings.n0, "n": settings.n, "alpha": settings.alpha,
                 "seed": int(seed), "model": model_fingerprint(model)}
     tsv, sidecar = run_dir / TSV_FILE, run_dir / SETTINGS_FILE
-    if restart:
-        tsv.unlink(missing_ok=True)
-        sidecar.unlink(missing_ok=True)
-    rows: dict[int, dict[str, Any]] = {}
-    if tsv.exists():
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    if restart and main:
+        for path in (tsv, sidecar, *run_dir.glob(SHARD_FILES)):
+            path.unlink(missing_ok=True)
+    if tsv.exists() and not restart:  # every process checks (read-only): they all stop alike
         try:
             stored = json.loads(sidecar.read_text())
         except (OSError, json.JSONDecodeError):
@@ -302,19 +322,25 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
                                 if stored.get(key) != value)
             raise RunError(f"{tsv} was made with other settings or another model ({changed}); "
                            "certify with the same settings to resume, or pass --restart to start over")
-        rows = _read_rows(tsv)
-        for row in rows.values():
-            if not (0 <= row["index"] < len(y)) or row["label"] != int(y[row["index"]]):
-                raise RunError(f"{tsv} row {row['index']} does not match this data set; pass --restart")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(sidecar, json.dumps(identity, indent=2) + "\n")
-        atomic_write_text(tsv, "\t".join(TSV_COLUMNS) + "\n")
-    todo = [i for i in indices if i not in rows]
+    if main:
+        if tsv.exists():
+            for path in (tsv, *run_dir.glob(SHARD_FILES)):
+                _read_rows(path)  # drops a last line an interruption cut off
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(sidecar, json.dumps(identity, indent=2) + "\n")
+            atomic_write_text(tsv, "\t".join(TSV_COLUMNS) + "\n")
+    distributed.barrier()
+    rows = _read_all_rows(run_dir, y)
+    mine = indices[rank::world]  # under torchrun: every world_size-th selected image
+    todo = [i for i in mine if i not in rows]
+    out = tsv if world == 1 else run_dir / SHARD_FILES.replace("*", str(rank))
+    if not out.exists():
+        atomic_write_text(out, "\t".join(TSV_COLUMNS) + "\n")
     smooth = Smooth(model, settings.sigma)
-    with open(tsv, "a") as stream, tqdm(total=len(indices), initial=len(indices) - len(todo), unit="img",
+    with open(out, "a") as stream, tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img",
                                         desc=f"certify sigma={settings.sigma:g} n={settings.n}",
-                                        disable=None if progress else True, dynamic_ncols=True) as bar:
+                                        disable=None if progress and main else True, dynamic_ncols=True) as bar:
         for index in todo:
             started = time.perf_counter()
             smooth.manual_seed(int(seed) * 1_000_003 + index)
@@ -326,6 +352,15 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
             stream.flush()
             rows[index] = row
             bar.update(1)
+    distributed.barrier()
+    if main and any(run_dir.glob(SHARD_FILES)):  # merge the processes' rows into certify.tsv, in index order
+        merged = _read_all_rows(run_dir, y)
+        text = "".join(_format_row(merged[index]) for index in sorted(merged))
+        atomic_write_text(tsv, "\t".join(TSV_COLUMNS) + "\n" + text)
+        for path in run_dir.glob(SHARD_FILES):
+            path.unlink()
+    distributed.barrier()
+    rows = _read_all_rows(run_dir, y) if world > 1 else rows
     summary = summarize((rows[i] for i in indices), settings.radii)
     summary.update(sigma=settings.sigma, n0=settings.n0, n=settings.n, alpha=settings.alpha,
                    certifiable_radius_max=max_certifiable_radius(settings.sigma, settings.n, settings.alpha))
@@ -335,17 +370,19 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
 
 
 def certify_saved_run(source: str | Path, settings: SmoothingConfig, restart: bool = False,
-                      warn: Callable[[str], None] = _warn) -> dict[str, Any]:
+                      warn: Callable[[str], None] = _warn, device: str | torch.device = "cpu") -> dict[str, Any]:
     """``certprune certify``: certify the test images of a finished run (a directory or its model.pt) with the data
-    set and training sigma its config.yaml names, and merge the summary into its metrics.json."""
+    set and training sigma its config.yaml names, and merge the summary into its metrics.json. Under torchrun the
+    processes share the images (:func:`certify_run`) and rank 0 writes metrics.json."""
     model_path = resolve_model_path(source)
     run_dir = model_path.parent
     config = load_config(run_dir / CONFIG_FILE if (run_dir / CONFIG_FILE).exists() else None)
     trained = training_sigmas(config)
     check_settings(SmoothingConfig(**{**settings.__dict__, "sigma": resolve_sigma(settings.sigma, trained)}))
-    model = load_run(model_path)
+    model = load_run(model_path).to(device)
     data = load_dataset(config.dataset, config.data_dir)
-    summary = certify_run(model, data.test_x, data.test_y, run_dir, settings, seed=config.seed,
+    summary = certify_run(model, data.test_x.to(device), data.test_y.to(device), run_dir, settings, seed=config.seed,
                           trained_sigmas=trained, restart=restart, warn=warn)
-    update_metrics(run_dir, **summary)
+    if distributed.is_main():
+        update_metrics(run_dir, **summary)
     return summary
