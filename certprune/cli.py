@@ -44,6 +44,7 @@ def experiment_options(command):
         click.option("--eps", type=float, help="Perturbation budget of the loss (L-inf, pixel space)."),
         click.option("--sigma", type=float, help="Gaussian noise level of a smoothing loss (gaussian, stability)."),
         click.option("--seed", type=int),
+        click.option("--device", help="auto (default: CUDA if there is a GPU), cpu, cuda or cuda:<index>."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -51,9 +52,9 @@ def experiment_options(command):
 
 
 def build_config(config_path, overrides, dataset=None, data_dir=None, model=None, loss=None, eps=None, seed=None,
-                 sigma=None, **_):
+                 sigma=None, device=None, **_):
     updates = [parse_override(text) for text in overrides]
-    flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed}
+    flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed, "device": device}
     updates.append({key: value for key, value in flags.items() if value is not None})
     if loss is not None:
         updates.append({"loss": {"name": loss}})
@@ -72,6 +73,27 @@ def _pretrain_cache_dir(config) -> Path:
     return Path("runs") / "cache" / f"dense-{config.model}-{digest}"
 
 
+def _start(device_spec):
+    """The device to compute on; under torchrun (WORLD_SIZE > 1) also join the process group."""
+    from .devices import resolve_device
+    from .distributed import setup
+
+    device = resolve_device(device_spec)
+    setup(device)
+    return device
+
+
+def _main_process() -> bool:
+    """Rank 0 under torchrun (it alone prints and writes metrics.json); always True in a single process."""
+    from .distributed import is_main
+
+    return is_main()
+
+
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA if there is a GPU), cpu, cuda or cuda:<index>.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Prune neural networks with HYDRA while keeping them certifiably robust."""
@@ -86,8 +108,11 @@ def pretrain(out, resume, **options):
     """Train the dense model."""
     from .pipeline import pretrain as run
 
-    metrics = run(build_config(**options), out, resume=resume)
-    click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+    config = build_config(**options)
+    _start(config.device)
+    metrics = run(config, out, resume=resume)
+    if _main_process():
+        click.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 @main.command()
@@ -106,14 +131,17 @@ def prune(k, method, source, out, resume, **options):
 
     k = check_k(k)
     config = build_config(**options)
+    _start(config.device)
     if source is None:
         source = _pretrain_cache_dir(config)
         if not (source / "model.pt").exists():
-            click.echo(f"no --from given: pretraining the dense model into {source}", err=True)
+            if _main_process():
+                click.echo(f"no --from given: pretraining the dense model into {source}", err=True)
             run_pretrain(config, source, resume=True)
     out = out or f"runs/{method}-{config.loss_name}-k{k:g}"
     metrics = run_prune(config, out, k, method, source, resume=resume)
-    click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+    if _main_process():
+        click.echo(json.dumps(metrics, indent=2, sort_keys=True))
 
 
 @main.command()
@@ -123,22 +151,26 @@ def prune(k, method, source, out, resume, **options):
               case_sensitive=False), help="Bound methods (repeatable) [IBP, CROWN].")
 @click.option("--max", "max_examples", type=int, help="Verify only the first N test images.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
+@DEVICE_OPTION
 @_one_line_errors
-def verify(source, eps, methods, max_examples, batch_size):
+def verify(source, eps, methods, max_examples, batch_size, device):
     """Verified accuracy of a run from IBP / CROWN bounds; written into its metrics.json."""
     from .certify.verify import verify as run_verify
     from .data import load_dataset
     from .runs import CONFIG_FILE, load_run, resolve_model_path, update_metrics
 
+    device = _start(device)
     model_path = resolve_model_path(source)
     config = load_config(model_path.parent / CONFIG_FILE) if (model_path.parent / CONFIG_FILE).exists() else load_config()
     data = load_dataset(config.dataset, config.data_dir)
     eps = eps if eps is not None else config.loss.get("eps", 0.0)
     x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
-    result = run_verify(load_run(model_path), x, y, eps, methods or ("IBP", "CROWN"), batch_size)
-    if model_path.parent.is_dir():
-        update_metrics(model_path.parent, **result)
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    result = run_verify(load_run(model_path).to(device), x.to(device), y.to(device), eps, methods or ("IBP", "CROWN"),
+                        batch_size)
+    if _main_process():
+        if model_path.parent.is_dir():
+            update_metrics(model_path.parent, **result)
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
 @main.command()
@@ -151,8 +183,9 @@ def verify(source, eps, methods, max_examples, batch_size):
 @click.option("--skip", type=int, default=1, show_default=True, help="Certify every skip-th test image.")
 @click.option("--max", "max_examples", type=int, help="Certify at most N of the selected test images.")
 @click.option("--restart", is_flag=True, help="Discard the run's certify.tsv instead of resuming it.")
+@DEVICE_OPTION
 @_one_line_errors
-def certify(source, sigma, n0, n, alpha, batch, skip, max_examples, restart):
+def certify(source, sigma, n0, n, alpha, batch, skip, max_examples, restart, device):
     """Randomized-smoothing certified L2 radii (Cohen et al.) of a run's test images.
 
     Writes RUN/certify.tsv as it goes (rerun the same command to resume) and the summary into RUN/metrics.json.
@@ -161,12 +194,16 @@ def certify(source, sigma, n0, n, alpha, batch, skip, max_examples, restart):
     from .config import SmoothingConfig
 
     settings = SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, batch=batch, skip=skip, max=max_examples)
+    device = _start(device)
+    main_process = _main_process()
     try:
-        summary = certify_saved_run(source, settings, restart, warn=lambda text: click.echo(f"Warning: {text}", err=True))
+        summary = certify_saved_run(source, settings, restart, device=device,
+                                    warn=lambda text: main_process and click.echo(f"Warning: {text}", err=True))
     except KeyboardInterrupt:
         click.echo("interrupted; certified images are kept in certify.tsv (rerun the same command to resume)", err=True)
         sys.exit(130)
-    click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    if main_process:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
 
 
 @main.command()
@@ -178,8 +215,11 @@ def sweep(out, source, **options):
     """Dense, then HYDRA and LWM at every k of the config; results.md and sparsity.png."""
     from .sweep import sweep as run_sweep
 
-    run_sweep(build_config(**options), out, source)
-    click.echo(Path(out, "results.md").read_text())
+    config = build_config(**options)
+    _start(config.device)
+    run_sweep(config, out, source)
+    if _main_process():
+        click.echo(Path(out, "results.md").read_text())
 
 
 @main.command()
@@ -194,11 +234,10 @@ def sweep(out, source, **options):
 @click.option("--max", "max_examples", type=int, help="Attack only the first N test images.")
 @click.option("--batch-size", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
+@DEVICE_OPTION
 @_one_line_errors
-def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max_examples, batch_size, seed):
+def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max_examples, batch_size, seed, device):
     """Clean and PGD (robust) accuracy of a run; written into its metrics.json as pgd_acc and attack."""
-    import torch
-
     from .certify.empirical import attack_accuracy, make_attack
     from .config import AttackConfig
     from .data import load_dataset
@@ -210,16 +249,17 @@ def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, m
         make_attack(settings, None)  # bad settings fail before any file is read
     if max_examples is not None and max_examples <= 0:
         raise ValueError(f"--max must be a positive number of images, got {max_examples}")
+    device = _start(device)
     model_path = resolve_model_path(source)
     config = load_config(model_path.parent / CONFIG_FILE) if (model_path.parent / CONFIG_FILE).exists() else load_config()
     pgd = make_attack(settings, config.loss.get("eps"))
     data = load_dataset(config.dataset, config.data_dir)
     x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
-    torch.manual_seed(seed)
-    result = attack_accuracy(load_run(model_path), x, y, pgd, batch_size)
-    if model_path.parent.is_dir():
-        update_metrics(model_path.parent, **result)
-    click.echo(json.dumps(result, indent=2, sort_keys=True))
+    result = attack_accuracy(load_run(model_path).to(device), x.to(device), y.to(device), pgd, batch_size, seed=seed)
+    if _main_process():
+        if model_path.parent.is_dir():
+            update_metrics(model_path.parent, **result)
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
 @main.command()
