@@ -13,7 +13,7 @@ from torch import nn
 
 from .cnn import cnn_7layer, cnn_large, cnn_small
 from .layers import Normalize
-from .resnet import resnet18
+from .resnet import cohen_resnet110, resnet18
 from .vgg import vgg16_bn
 from .wrn import wrn_28_4
 
@@ -24,6 +24,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vgg16-bn": vgg16_bn,
     "wrn-28-4": wrn_28_4,
     "resnet-18": resnet18,
+    "cohen-resnet110": cohen_resnet110,
 }
 # Plain ReLU Sequentials that IBP / CROWN bound exactly (certprune.lirpa); the others have batch norm and branches.
 VERIFIABLE = ("cnn-small", "cnn-large", "cnn-7layer")
