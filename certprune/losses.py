@@ -120,4 +120,7 @@ def make_loss(name: str, **params) -> Loss:
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"loss {name!r} takes no parameter {', '.join(unknown)}; it takes {', '.join(accepted) or 'none'}")
+    missing = [key for key, p in accepted.items() if p.default is inspect.Parameter.empty and key not in params]
+    if missing:
+        raise ValueError(f"loss {name!r} needs {', '.join(missing)} (e.g. --set loss.{missing[0]}=...)")
     return factory(**params)

@@ -151,3 +151,16 @@ def test_shipped_adversarial_configs_build_their_losses_and_attacks(path):
     attack = make_attack(config.attack, config.loss["eps"])
     assert attack.eps == parse_eps(config.loss["eps"]) > 0
     assert config.model in MODELS and config.report_metric == "pgd_acc"
+
+
+def test_a_loss_without_its_required_eps_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from certprune.cli import main
+
+    with pytest.raises(ValueError, match="needs eps"):
+        make_loss("pgd")
+    result = CliRunner().invoke(main, ["pretrain", "--loss", "trades", "--out", str(tmp_path / "run"),
+                                       "--set", "pretrain.epochs=1"])
+    assert result.exit_code == 1 and result.output.strip().splitlines() == [
+        "Error: loss 'trades' needs eps (e.g. --set loss.eps=...)"]
