@@ -1,0 +1,271 @@
+"""GPU benchmark (issue 5), one command, JSON on stdout; about 5 minutes on one H100, under 8.
+
+    .venv/bin/python benchmarks/bench_gpu.py [--device cuda] [--images 2] [--no-compile] [--train-batches 256 1024]
+
+1. Randomized-smoothing certification of ``cohen-resnet110`` on CIFAR-shaped inputs at n = 100 000 (n0 = 100,
+   sigma 0.25; an untrained model: the speed does not depend on the weights), in seconds per image:
+   ``baseline``, Cohen et al.'s loop in plain PyTorch (fp32, batch 400, noise from ``randn_like`` per batch and
+   counts copied to the host per batch, as their ``core.py``), and certprune's ``Smooth.certify`` (the code path of
+   ``certprune certify --device cuda``) at each batch size of ``--batches``; the fastest is compared with the
+   baseline against the goals (<= 0.6 s per image, >= 4.5x faster). ``reference_forward``: the bare model's
+   throughput in plain PyTorch (fp32 batch 400, bf16 + channels_last batch 10 000, and compiled), the headroom the
+   open part of issue 5 (``--precision bf16``, ``torch.compile``) is about; it is not a certprune setting.
+2. One training step of ``cnn-7layer`` (CIFAR shape, eps 2/255) per batch size: natural, and IBP / CROWN-IBP
+   (kappa = beta = 0.5) through certprune's masked core (HYDRA score training, k = 0.05), against the same
+   CROWN-IBP loss bounded directly by auto_LiRPA on the plain network (goal: masked <= 1.05x direct); milliseconds
+   (median of interleaved repeats) and peak GPU memory. ``soundness``: sampled points of the eps box that fall
+   outside the masked model's IBP / CROWN-IBP bounds on the GPU (TF32 off for that check; expect 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():  # auto_LiRPA's imports warn about torch APIs; keep the output to the JSON
+    warnings.simplefilter("ignore")
+    from certprune import masking
+    from certprune.certify.smoothing import Smooth, lower_confidence_bound
+    from certprune.devices import resolve_device
+    from certprune.lirpa import (BoundedModule, BoundedProxy, BoundedTensor, PerturbationLpNorm, input_box,
+                                 margin_spec)
+    from certprune.losses import BoundLoss, robust_cross_entropy
+    from certprune.models import create_model
+
+SIGMA, N0, ALPHA = 0.25, 100, 0.001
+EPS, KAPPA, BETA, K = 2 / 255, 0.5, 0.5, 0.05
+CIFAR = {"in_channels": 3, "image_size": 32, "num_classes": 10}
+FAST_BATCH = 10_000  # batch of the bf16 reference forward passes
+
+
+def timed(device: torch.device, work) -> float:
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    work()
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+# ---- 1. certification ------------------------------------------------------------------------------------------
+
+def cohen_counts(model, x: torch.Tensor, num: int, batch: int) -> torch.Tensor:
+    """Cohen et al.'s ``Smooth._sample_noise``: fp32, ``randn_like`` per batch, counts summed on the host."""
+    counts = torch.zeros(10, dtype=torch.long)
+    with torch.no_grad():
+        remaining = num
+        while remaining > 0:
+            size = min(batch, remaining)
+            remaining -= size
+            repeated = x.repeat((size, 1, 1, 1))
+            predictions = model(repeated + torch.randn_like(repeated) * SIGMA).argmax(1)
+            counts += torch.bincount(predictions.cpu(), minlength=10)
+    return counts
+
+
+def cohen_certify(model, x: torch.Tensor, n: int, batch: int) -> None:
+    top = int(cohen_counts(model, x, N0, batch).argmax())
+    lower_confidence_bound(int(cohen_counts(model, x, n, batch)[top]), n, ALPHA)
+
+
+def certification(device: torch.device, images: int, n: int, batches: list[int], compile_model: bool) -> dict:
+    torch.manual_seed(0)
+    model = create_model("cohen-resnet110", **CIFAR).to(device).eval()
+    xs = torch.rand(images, 3, 32, 32, device=device)
+    result = {"model": "cohen-resnet110", "n0": N0, "n": n, "sigma": SIGMA, "images": images}
+
+    cohen_certify(model, xs[0], 2 * 400, 400)  # warm-up (cuDNN autotuning, allocator)
+    seconds = timed(device, lambda: [cohen_certify(model, x, n, 400) for x in xs]) / images
+    result["baseline"] = {"what": "Cohen et al.'s loop, plain PyTorch, fp32", "batch": 400,
+                          "seconds_per_image": round(seconds, 3)}
+
+    smooth = Smooth(model, SIGMA, num_classes=10, seed=0)
+    settings = []
+    for batch in batches:
+        smooth.certify(xs[0], N0, 2 * batch, ALPHA, batch)  # warm-up at this batch size
+        per_image = timed(device, lambda: [smooth.certify(x, N0, n, ALPHA, batch) for x in xs]) / images
+        settings.append({"precision": "fp32", "batch": batch, "seconds_per_image": round(per_image, 3)})
+    fastest = min(settings, key=lambda s: s["seconds_per_image"])
+    speedup = result["baseline"]["seconds_per_image"] / fastest["seconds_per_image"]
+    result["certprune"] = settings
+    result["certprune_fastest"] = {**fastest, "speedup_vs_baseline": round(speedup, 2),
+                                   "goal_seconds_per_image": 0.6, "goal_speedup": 4.5,
+                                   "goal_met": fastest["seconds_per_image"] <= 0.6 and speedup >= 4.5}
+    result["reference_forward"] = reference_forward(model, device, n, compile_model)
+    return result
+
+
+def reference_forward(model, device: torch.device, n: int, compile_model: bool) -> dict:
+    """Images per second of the bare forward pass (plain PyTorch), and what that means per image at n0 + n."""
+    def throughput(forward, batch: int, memory_format=torch.contiguous_format) -> dict:
+        x = torch.rand(batch, 3, 32, 32, device=device).to(memory_format=memory_format)
+        with torch.inference_mode():
+            for _ in range(3):
+                forward(x)
+            repeats = max(3, n // batch)
+            seconds = timed(device, lambda: [forward(x) for _ in range(repeats)])
+        rate = repeats * batch / seconds
+        return {"batch": batch, "images_per_second": round(rate), "seconds_per_image_at_n": round((N0 + n) / rate, 3)}
+
+    def bf16(module):
+        def forward(x):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return module(x).argmax(1)
+        return forward
+
+    out = {"fp32": throughput(lambda x: model(x).argmax(1), 400)}
+    fast = create_model("cohen-resnet110", **CIFAR).to(device).eval().to(memory_format=torch.channels_last)
+    out["bf16_channels_last"] = throughput(bf16(fast), FAST_BATCH, torch.channels_last)
+    if compile_model:
+        try:
+            started = time.perf_counter()
+            compiled = torch.compile(fast)
+            result = throughput(bf16(compiled), FAST_BATCH, torch.channels_last)
+            out["bf16_channels_last_compiled"] = {**result, "compile_and_run_seconds":
+                                                  round(time.perf_counter() - started, 1)}
+        except Exception as error:  # a missing compiler toolchain should not sink the whole benchmark
+            out["bf16_channels_last_compiled"] = {"error": str(error).splitlines()[0][:300]}
+    return out
+
+
+# ---- 2. training steps -----------------------------------------------------------------------------------------
+
+def natural_step(model, optimizer, x, y):
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def masked_step(model, loss_fn, optimizer, x, y):
+    with masking.cached():
+        loss, _ = loss_fn(model, x, y, 0.5)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def direct_step(model, bounded, optimizer, x, y):
+    """What one writes with auto_LiRPA alone: bound the plain network (normalisation folded into the box)."""
+    normalize = model[0]
+    logits = model(x)
+    lower_x, upper_x = input_box(x, EPS)
+    box = BoundedTensor(normalize(x), PerturbationLpNorm(norm=float("inf"), eps=EPS, x_L=normalize(lower_x),
+                                                         x_U=normalize(upper_x)))
+    spec = margin_spec(y, logits.shape[1])
+    ibp = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)[0]
+    crown_ibp = bounded.compute_bounds(x=(box,), C=spec, method="CROWN-IBP", bound_upper=False)[0]
+    loss = KAPPA * F.cross_entropy(logits, y) + (1 - KAPPA) * robust_cross_entropy(BETA * crown_ibp + (1 - BETA) * ibp)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def training(device: torch.device, batch: int, steps: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def masked(loss_fn):
+        model = masking.apply_masks(create_model("cnn-7layer", **CIFAR).to(device), K)
+        masking.set_phase(model, "prune")
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        return lambda: masked_step(model, loss_fn, optimizer, x, y)
+
+    natural_model = create_model("cnn-7layer", **CIFAR).to(device)
+    natural_optimizer = torch.optim.Adam(natural_model.parameters(), lr=1e-4)
+    dense = create_model("cnn-7layer", **CIFAR).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bounded = BoundedModule(dense[1:], dense[0](x[:1]), device=device)
+    direct_optimizer = torch.optim.Adam(dense.parameters(), lr=1e-4)
+    sides = {
+        "natural": lambda: natural_step(natural_model, natural_optimizer, x, y),
+        "masked_ibp": masked(BoundLoss(EPS, kappa_start=KAPPA, kappa_end=KAPPA, beta_start=0.0, beta_end=0.0)),
+        "masked_crown_ibp": masked(BoundLoss(EPS, kappa_start=KAPPA, kappa_end=KAPPA, beta_start=BETA,
+                                             beta_end=BETA)),
+        "direct_crown_ibp": lambda: direct_step(dense, bounded, direct_optimizer, x, y),
+    }
+    memory = {}
+    for name, step in sides.items():  # warm-up, and each side's peak memory alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize(device)
+        memory[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    times = {name: [] for name in sides}
+    for _ in range(repeats):  # interleaved, so that clock and thermal drift hit every side alike
+        for name, step in sides.items():
+            times[name].append(timed(device, lambda: [step() for _ in range(steps)]) / steps)
+    ms = {name: round(1000 * statistics.median(values), 2) for name, values in times.items()}
+    ratio = ms["masked_crown_ibp"] / ms["direct_crown_ibp"]
+    return {"model": "cnn-7layer", "batch": batch, "eps": EPS, "ms_per_step": ms, "peak_memory_gib": memory,
+            "masked_over_direct_crown_ibp": round(ratio, 3), "goal": 1.05, "goal_met": ratio <= 1.05}
+
+
+def soundness(device: torch.device, batch: int = 32, samples: int = 64) -> dict:
+    """Sampled points of the eps box outside the masked model's bounds (expect 0), TF32 off while checking."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(1)
+        model = masking.apply_masks(create_model("cnn-7layer", **CIFAR).to(device), K).eval()
+        x = torch.rand(batch, 3, 32, 32, device=device)
+        proxy = BoundedProxy(model, x)
+        lower_x, upper_x = input_box(x, EPS)
+        result = {}
+        for method in ("IBP", "CROWN-IBP"):
+            lower, upper = proxy.output_bounds(x, EPS, method)
+            violations, worst = 0, 0.0
+            with torch.no_grad():
+                for _ in range(samples):
+                    point = lower_x + (upper_x - lower_x) * torch.rand_like(x)
+                    logits = model(point)
+                    excess = torch.maximum(lower - logits, logits - upper)
+                    violations += int((excess > 1e-5 * (1 + logits.abs())).sum())
+                    worst = max(worst, float(excess.max()))
+            result[method] = {"violations": violations, "points": batch * samples, "max_excess": worst}
+        return result
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--images", type=int, default=2, help="images certified per setting")
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--batches", type=int, nargs="+", default=[400, 1000, 4000, 10_000],
+                        help="certprune certify batch sizes to time")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled reference forward pass")
+    parser.add_argument("--train-batches", type=int, nargs="+", default=[256, 1024])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit(f"bench_gpu: no CUDA GPU here (torch {torch.__version__}); run it on a machine with one")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        sys.exit(f"bench_gpu: {error}")
+    if device.type != "cuda":
+        sys.exit("bench_gpu: measures a GPU; pass --device cuda or cuda:<index>")
+    torch.backends.cudnn.benchmark = True
+    started = time.perf_counter()
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+              "cudnn_tf32": torch.backends.cudnn.allow_tf32, "matmul_tf32": torch.backends.cuda.matmul.allow_tf32}
+    report["certification"] = certification(device, args.images, args.n, args.batches, not args.no_compile)
+    report["training"] = [training(device, batch, args.steps, args.repeats) for batch in args.train_batches]
+    report["soundness"] = soundness(device)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
