@@ -28,6 +28,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+if __name__ == "__main__" and not torch.cuda.is_available():  # before the imports below can print anything
+    sys.exit(f"bench_gpu: no CUDA GPU here (torch {torch.__version__}); run it on a machine with one")
+
 with warnings.catch_warnings():  # auto_LiRPA's imports warn about torch APIs; keep the output to the JSON
     warnings.simplefilter("ignore")
     from certprune import masking
@@ -248,8 +251,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit(f"bench_gpu: no CUDA GPU here (torch {torch.__version__}); run it on a machine with one")
     try:
         device = resolve_device(args.device)
     except ValueError as error:
