@@ -68,7 +68,7 @@ def _read_idx(path: Path) -> np.ndarray:
         raw = handle.read()
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()  # writable, as torch wants
 
 
 def _find(directory: Path, stem: str, hint: str) -> Path:
