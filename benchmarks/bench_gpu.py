@@ -36,10 +36,10 @@ with warnings.catch_warnings():  # auto_LiRPA's imports warn about torch APIs; k
     from certprune import masking
     from certprune.certify.smoothing import Smooth, lower_confidence_bound
     from certprune.devices import resolve_device
-    from certprune.lirpa import (BoundedModule, BoundedProxy, BoundedTensor, PerturbationLpNorm, input_box,
-                                 margin_spec)
-    from certprune.losses import BoundLoss, robust_cross_entropy
+    from certprune.lirpa import BoundedModule, BoundedProxy, input_box
+    from certprune.losses import BoundLoss
     from certprune.models import create_model
+    from bench_masked_bounds import direct_step, masked_step  # the same steps as the CPU benchmark (same folder)
 
 SIGMA, N0, ALPHA = 0.25, 100, 0.001
 EPS, KAPPA, BETA, K = 2 / 255, 0.5, 0.5, 0.05
@@ -145,30 +145,6 @@ def natural_step(model, optimizer, x, y):
     optimizer.step()
 
 
-def masked_step(model, loss_fn, optimizer, x, y):
-    with masking.cached():
-        loss, _ = loss_fn(model, x, y, 0.5)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
-def direct_step(model, bounded, optimizer, x, y):
-    """What one writes with auto_LiRPA alone: bound the plain network (normalisation folded into the box)."""
-    normalize = model[0]
-    logits = model(x)
-    lower_x, upper_x = input_box(x, EPS)
-    box = BoundedTensor(normalize(x), PerturbationLpNorm(norm=float("inf"), eps=EPS, x_L=normalize(lower_x),
-                                                         x_U=normalize(upper_x)))
-    spec = margin_spec(y, logits.shape[1])
-    ibp = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)[0]
-    crown_ibp = bounded.compute_bounds(x=(box,), C=spec, method="CROWN-IBP", bound_upper=False)[0]
-    loss = KAPPA * F.cross_entropy(logits, y) + (1 - KAPPA) * robust_cross_entropy(BETA * crown_ibp + (1 - BETA) * ibp)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-
-
 def training(device: torch.device, batch: int, steps: int, repeats: int) -> dict:
     torch.manual_seed(0)
     x = torch.rand(batch, 3, 32, 32, device=device)
@@ -192,7 +168,7 @@ def training(device: torch.device, batch: int, steps: int, repeats: int) -> dict
         "masked_ibp": masked(BoundLoss(EPS, kappa_start=KAPPA, kappa_end=KAPPA, beta_start=0.0, beta_end=0.0)),
         "masked_crown_ibp": masked(BoundLoss(EPS, kappa_start=KAPPA, kappa_end=KAPPA, beta_start=BETA,
                                              beta_end=BETA)),
-        "direct_crown_ibp": lambda: direct_step(dense, bounded, direct_optimizer, x, y),
+        "direct_crown_ibp": lambda: direct_step(dense, bounded, direct_optimizer, x, y, EPS, KAPPA, BETA),
     }
     memory = {}
     for name, step in sides.items():  # warm-up, and each side's peak memory alone

@@ -26,25 +26,27 @@ from certprune.models import create_model
 EPS, BETA, KAPPA = 0.1, 0.5, 0.5
 
 
-def direct_step(model, bounded, optimizer, x, y):
+def direct_step(model, bounded, optimizer, x, y, eps=EPS, kappa=KAPPA, beta=BETA):
     """What one writes with auto_LiRPA alone: bound the plain network (normalisation folded into the box)."""
     normalize = model[0]
     logits = model(x)
-    lower_x, upper_x = input_box(x, EPS)
-    box = BoundedTensor(normalize(x), PerturbationLpNorm(norm=float("inf"), eps=EPS, x_L=normalize(lower_x),
+    lower_x, upper_x = input_box(x, eps)
+    box = BoundedTensor(normalize(x), PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=normalize(lower_x),
                                                          x_U=normalize(upper_x)))
     spec = margin_spec(y, logits.shape[1])
     ibp = bounded.compute_bounds(x=(box,), C=spec, method="IBP", bound_upper=False)[0]
     crown_ibp = bounded.compute_bounds(x=(box,), C=spec, method="CROWN-IBP", bound_upper=False)[0]
-    loss = KAPPA * F.cross_entropy(logits, y) + (1 - KAPPA) * robust_cross_entropy(BETA * crown_ibp + (1 - BETA) * ibp)
-    optimizer.zero_grad()
+    loss = kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust_cross_entropy(beta * crown_ibp + (1 - beta) * ibp)
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
 
 def masked_step(model, loss_fn, optimizer, x, y):
-    loss, _ = loss_fn(model, x, y, epoch=0.5)
-    optimizer.zero_grad()
+    """certprune's step, as its training loop takes it (each mask computed once per step)."""
+    with masking.cached():
+        loss, _ = loss_fn(model, x, y, 0.5)
+    optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 

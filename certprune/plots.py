@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLORS = {"hydra": "tab:blue", "lwm": "tab:orange", "dense": "black"}
 
 
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label: str | None = None,
                      title: str | None = None) -> Path:
     """``rows`` are runs' metrics (method, sparsity and ``metric``); dense is drawn as a horizontal reference."""
@@ -30,12 +39,7 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
     axis.set_title(title or f"{label} against sparsity")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)
 
 
 def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str = "certified_acc",
@@ -65,9 +69,4 @@ def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str
     axis.set_ylim(0, 100)
     axis.grid(alpha=0.3)
     axis.legend(loc="center right", fontsize="small")  # beyond the certifiable radius every curve is at 0
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, path)

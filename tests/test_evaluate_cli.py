@@ -3,7 +3,6 @@ one line."""
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from certprune.cli import main
