@@ -83,8 +83,10 @@ class BoundedProxy:
         if isinstance(plain, nn.Sequential) and isinstance(plain[0], Normalize):
             self.normalize_name, self.normalize = next(iter(plain.named_children()))
             plain = plain[1:]  # a slice keeps the original child names, so parameter names still match the model
+            self._eps_scale = 1.0 / float(self.normalize.std.min())  # read once: no device sync per bound
         else:
             self.normalize = nn.Identity()
+            self._eps_scale = 1.0
         self._plain = plain
         self.num_classes = self._infer_classes(model, example_input)
         with warnings.catch_warnings():
@@ -122,8 +124,9 @@ class BoundedProxy:
     def _bounded_input(self, x: torch.Tensor, eps: float) -> BoundedTensor:
         x_lower, x_upper = input_box(x, eps)
         lower, center, upper = self.normalize(x_lower), self.normalize(x), self.normalize(x_upper)
-        radius = float((upper - lower).max()) / 2 if eps > 0 else 0.0
-        return BoundedTensor(center, PerturbationLpNorm(norm=float("inf"), eps=radius, x_L=lower, x_U=upper))
+        # The box itself is (x_L, x_U); eps / min(std) only bounds its half-width from above.
+        return BoundedTensor(center, PerturbationLpNorm(norm=float("inf"), eps=eps * self._eps_scale, x_L=lower,
+                                                        x_U=upper))
 
     def margin_lower_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float,
                             method: str = "IBP") -> torch.Tensor:
