@@ -30,10 +30,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certprune import distributed
-from certprune.config import PhaseConfig, SmoothingConfig, load_config
+from certprune.config import PhaseConfig, SmoothingConfig
 from certprune.data import load_dataset
 from certprune.masking import PHASES
-from certprune.runs import CONFIG_FILE, RunError, atomic_write_text, load_run, resolve_model_path, update_metrics
+from certprune.runs import (RunError, atomic_write_text, load_run, load_run_config, resolve_model_path,
+                            update_metrics)
 
 ABSTAIN = -1
 TSV_FILE, SETTINGS_FILE = "certify.tsv", "certify.json"
@@ -376,7 +377,7 @@ def certify_saved_run(source: str | Path, settings: SmoothingConfig, restart: bo
     processes share the images (:func:`certify_run`) and rank 0 writes metrics.json."""
     model_path = resolve_model_path(source)
     run_dir = model_path.parent
-    config = load_config(run_dir / CONFIG_FILE if (run_dir / CONFIG_FILE).exists() else None)
+    config = load_run_config(run_dir)
     trained = training_sigmas(config)
     check_settings(SmoothingConfig(**{**settings.__dict__, "sigma": resolve_sigma(settings.sigma, trained)}))
     model = load_run(model_path).to(device)

@@ -98,8 +98,10 @@ def evaluate(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> 
 
 
 def is_finished(run_dir: Path) -> bool:
+    """A run that wrote its model and metrics and has no training left (no checkpoint)."""
     run_dir = Path(run_dir)
-    return (run_dir / MODEL_FILE).exists() and (run_dir / METRICS_FILE).exists() and not (run_dir / CHECKPOINT_FILE).exists()
+    written = all((run_dir / name).exists() for name in (MODEL_FILE, METRICS_FILE))
+    return written and not (run_dir / CHECKPOINT_FILE).exists()
 
 
 def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict[str, Any] | None:

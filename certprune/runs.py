@@ -122,6 +122,14 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
+def load_run_config(run_dir: str | Path):
+    """The resolved config a run was made with (``config.yaml``); the defaults for a bare model file without one."""
+    from .config import load_config
+
+    path = Path(run_dir) / CONFIG_FILE
+    return load_config(path if path.exists() else None)
+
+
 def load_run(path: str | Path) -> nn.Module:
     """The model of a finished run (a directory or its ``model.pt``): a plain ``nn.Module`` in eval mode that maps
     images in [0, 1] to logits, its pruned weights exactly 0."""
