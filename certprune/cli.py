@@ -191,13 +191,17 @@ def verify(source, eps, methods, max_examples, batch_size, device):
 @click.option("--n0", type=int, default=100, show_default=True, help="Samples that choose the top class.")
 @click.option("--n", "n", type=int, default=100_000, show_default=True, help="Samples that bound its probability.")
 @click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability per image.")
-@click.option("--batch", type=int, default=1000, show_default=True, help="Noisy samples per forward pass.")
+@click.option("--batch", type=int, default=1000, show_default=True,
+              help="Noisy samples per forward pass (10000 suits a GPU).")
+@click.option("--precision", default="fp32", show_default=True,
+              help="fp32 or bf16: bf16 certifies the classifier as computed under bf16 autocast (faster on a GPU).")
+@click.option("--compile", "compile_model", is_flag=True, help="Run the classifier through torch.compile.")
 @click.option("--skip", type=int, default=1, show_default=True, help="Certify every skip-th test image.")
 @click.option("--max", "max_examples", type=int, help="Certify at most N of the selected test images.")
 @click.option("--restart", is_flag=True, help="Discard the run's certify.tsv instead of resuming it.")
 @DEVICE_OPTION
 @_one_line_errors
-def certify(source, sigma, n0, n, alpha, batch, skip, max_examples, restart, device):
+def certify(source, sigma, n0, n, alpha, batch, precision, compile_model, skip, max_examples, restart, device):
     """Randomized-smoothing certified L2 radii (Cohen et al.) of a run's test images.
 
     Writes RUN/certify.tsv as it goes (rerun the same command to resume) and the summary into RUN/metrics.json.
@@ -205,7 +209,8 @@ def certify(source, sigma, n0, n, alpha, batch, skip, max_examples, restart, dev
     from .certify.smoothing import certify_saved_run
     from .config import SmoothingConfig
 
-    settings = SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, batch=batch, skip=skip, max=max_examples)
+    settings = SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, batch=batch, precision=precision,
+                               compile=compile_model, skip=skip, max=max_examples)
     device = _start(device)
     main_process = _main_process()
     try:

@@ -46,6 +46,7 @@ def assert_one_line_error(result, fragment):
     (["--alpha", "1.5"], "alpha must be"),
     (["--skip", "0"], "skip must be"),
     (["--max", "0"], "max must be"),
+    (["--precision", "fp16"], "precision must be one of fp32, bf16"),
 ])
 def test_bad_parameters_give_a_one_line_error(run_dir, flags, fragment):
     assert_one_line_error(certify("--from", run_dir, *flags), fragment)
@@ -74,6 +75,8 @@ def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruptio
     monkeypatch.setattr(Smooth, "certify", original)
     result = certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4)
     assert result.exit_code == 0, result.output
+    assert_one_line_error(certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4, "--precision", "bf16"),
+                          "precision fp32 -> bf16")
     rows = (run_dir / "certify.tsv").read_text().splitlines()[1:]
     assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -1,4 +1,5 @@
 """Specification of the randomized-smoothing certifier (Cohen et al. 2019) and of certifying a run's test images."""
+import json
 import math
 
 import pytest
@@ -137,7 +138,58 @@ def test_votes_are_reproducible_with_a_seed_and_do_not_touch_the_global_generato
     assert int(first.sum()) == 300 and first.shape == (4,)
 
 
+class Recorder(nn.Module):
+    """A small convolutional classifier that keeps every batch it is given, to show what the base classifier sees."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return self.net(x)
+
+
+class Bfloat16(nn.Module):
+    """``model`` computed under bf16 autocast, written out by hand: the classifier ``precision="bf16"`` certifies."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x)
+
+
+def test_bf16_certifies_the_classifier_as_computed_in_bf16_from_float32_noise():
+    x = torch.rand(1, 8, 8)
+    fast, by_hand = Recorder(), Recorder()
+    votes = Smooth(fast, 0.5, seed=4, precision="bf16").sample_counts(x, 300, batch_size=128)
+    assert torch.equal(votes, Smooth(Bfloat16(by_hand), 0.5, seed=4).sample_counts(x, 300, batch_size=128))
+    # the noise is drawn and added in float32, exactly as at full precision: only the classifier changes
+    full = Recorder()
+    Smooth(full, 0.5, seed=4).sample_counts(x, 300, batch_size=128)
+    for seen in (fast.inputs, by_hand.inputs):
+        assert [batch.dtype for batch in seen] == [torch.float32] * 3
+        assert all(torch.equal(a, b) for a, b in zip(seen, full.inputs))
+
+
+def test_channels_last_and_compile_change_the_speed_not_the_votes_nor_the_model():
+    x = torch.rand(1, 8, 8)
+    model = Recorder()
+    plain = Smooth(model, 0.5, seed=4).sample_counts(x, 300, batch_size=128)
+    channels_last = Smooth(model, 0.5, seed=4, channels_last=True)
+    assert torch.equal(channels_last.sample_counts(x, 300, batch_size=128), plain)
+    assert model.net[0].weight.is_contiguous()  # the caller's model is left as it was (the certifier copies it)
+    assert channels_last.classifier.net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(Smooth(model, 0.5, seed=4, compile=True).sample_counts(x, 300, batch_size=128), plain)
+
+
 @pytest.mark.parametrize("call, message", [
+    (lambda: Smooth(Constant(), 0.25, precision="fp16"), "precision must be one of fp32, bf16"),
     (lambda: Smooth(Constant(), sigma=0), "sigma must be"),
     (lambda: Smooth(Constant(), sigma=-0.25), "sigma must be"),
     (lambda: Smooth(Constant(), sigma=float("nan")), "sigma must be"),
@@ -261,6 +313,21 @@ def test_resuming_with_other_settings_or_another_model_is_refused_unless_restart
         certify_run(other, x, y, tmp_path, _settings(max=3), progress=False)
     certify_run(other, x, y, tmp_path, _settings(max=3), restart=True, progress=False)
     assert len(_lines(tmp_path)) == 1 + 3
+
+
+def test_precision_is_part_of_what_a_resumed_file_must_match(tmp_path):
+    x, y = _data()
+    certify_run(_tiny_model(), x, y, tmp_path, _settings(max=3), progress=False)
+    with pytest.raises(RunError, match="precision fp32 -> bf16"):
+        certify_run(_tiny_model(), x, y, tmp_path, _settings(max=4, precision="bf16"), progress=False)
+    # a file written before the setting existed holds fp32 rows, and resumes at fp32
+    sidecar = tmp_path / "certify.json"
+    settings = json.loads(sidecar.read_text())
+    del settings["precision"]
+    sidecar.write_text(json.dumps(settings))
+    assert certify_run(_tiny_model(), x, y, tmp_path, _settings(max=4), progress=False)["certified_examples"] == 4
+    with pytest.raises(ValueError, match="precision must be"):
+        certify_run(_tiny_model(), x, y, tmp_path / "other", _settings(precision="half"), progress=False)
 
 
 def test_certifying_with_another_sigma_than_training_warns_once(tmp_path):
