@@ -301,7 +301,8 @@ def summarize(rows: Iterable[dict[str, Any]], radii: Iterable[float]) -> dict[st
             "abstain_rate": sum(row["prediction"] == ABSTAIN for row in rows) / count,
             "acr": sum(row["radius"] * row["correct"] for row in rows) / count,
             "certified_examples": count,
-            "certify_seconds": sum(row["seconds"] for row in rows)}
+            "certify_seconds": sum(row["seconds"] for row in rows),
+            "seconds_per_image": sum(row["seconds"] for row in rows) / count}
 
 
 def _warn(message: str) -> None:
@@ -395,7 +396,7 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
     rows = _read_all_rows(run_dir, y) if world > 1 else rows
     summary = summarize((rows[i] for i in indices), settings.radii)
     summary.update(sigma=settings.sigma, n0=settings.n0, n=settings.n, alpha=settings.alpha,
-                   certifiable_radius_max=max_certifiable_radius(settings.sigma, settings.n, settings.alpha))
+                   precision=settings.precision, certifiable_radius_max=max_certifiable_radius(settings.sigma, settings.n, settings.alpha))
     if trained_sigmas is not None and len(trained_sigmas) == 1:
         summary["train_sigma"] = trained_sigmas[0]
     return summary

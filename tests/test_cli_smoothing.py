@@ -81,6 +81,7 @@ def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruptio
     assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["sigma"] == 0.25 and metrics["n"] == 50 and metrics["alpha"] == 0.001
+    assert metrics["precision"] == "fp32" and metrics["seconds_per_image"] > 0
     assert set(metrics["certified_acc"]) == {"0", "0.25", "0.5", "0.75", "1"}
     assert 0 <= metrics["abstain_rate"] <= 1 and metrics["acr"] >= 0 and metrics["certified_examples"] == 4
 
