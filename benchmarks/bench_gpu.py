@@ -1,4 +1,4 @@
-"""GPU benchmark (issue 5), one command, JSON on stdout; about 5 minutes on one H100, under 8.
+"""GPU benchmark (issue 5), one command, JSON on stdout; 132 s on one H200 (a minute of it compiling).
 
     python benchmarks/bench_gpu.py [--device cuda] [--images 2] [--no-compile] [--train-batches 256 1024]
 
@@ -16,8 +16,8 @@
    (median of interleaved repeats) and peak GPU memory. ``soundness``: sampled points of the eps box that fall
    outside the masked model's IBP / CROWN-IBP bounds on the GPU (TF32 off for that check; expect 0).
 
-``--device cpu`` with tiny sizes runs every code path without a GPU (the test suite does, so that this script
-cannot rot); its timings mean nothing.
+``--device cpu --images 1 --n 200 --fast-batch 100 --train-batches 4 --steps 1 --repeats 1`` runs every code path
+without a GPU (about 5 minutes on 2 cores, most of it bf16 and compiling); its timings mean nothing.
 """
 from __future__ import annotations
 
