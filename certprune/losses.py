@@ -6,26 +6,14 @@ schedules need. Trainers never branch on a loss's kind; new losses register in :
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Protocol
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .loss_protocol import Loss, accuracy
 from .schedules import Interpolate, Ramp
-
-
-class Loss(Protocol):
-    """``model`` may be a DistributedDataParallel wrapper (torchrun); metrics are floats or 0-dim tensors, which
-    the training loop sums where they are (no host round-trip per batch)."""
-
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 epoch: float) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]: ...
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction of ``logits`` whose argmax is ``y``, as a 0-dim tensor on their device (``float()`` it to read)."""
-    return (logits.argmax(1) == y).float().mean().detach()
 
 
 class NaturalLoss:

@@ -15,11 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import PGD, eval_mode, parse_eps
+from .loss_protocol import accuracy
 from .schedules import Interpolate, Ramp
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).float().mean().item()
 
 
 class _Adversarial:
@@ -56,7 +53,7 @@ class PGDAdversarialLoss(_Adversarial):
             clean_acc = accuracy(model(x), y)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": clean_acc, "adv_acc": accuracy(logits, y), "eps": attack.eps}
+        return loss, {"loss": loss.detach(), "acc": clean_acc, "adv_acc": accuracy(logits, y), "eps": attack.eps}
 
 
 class TradesLoss(_Adversarial):
@@ -79,7 +76,7 @@ class TradesLoss(_Adversarial):
         if self.beta == 0 or attack.eps == 0:
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            return loss, {"loss": loss.item(), "acc": accuracy(logits, y), "eps": attack.eps, "robust_loss": 0.0}
+            return loss, {"loss": loss.detach(), "acc": accuracy(logits, y), "eps": attack.eps, "robust_loss": 0.0}
         with eval_mode(model), torch.no_grad():
             clean_probs = F.softmax(model(x), dim=1)
 
@@ -91,5 +88,5 @@ class TradesLoss(_Adversarial):
         natural = F.cross_entropy(logits, y)
         robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         loss = natural + self.beta * robust
-        return loss, {"loss": loss.item(), "acc": accuracy(logits, y), "robust_loss": robust.item(),
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y), "robust_loss": robust.detach(),
                       "eps": attack.eps}

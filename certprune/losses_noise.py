@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .losses import accuracy
+from .loss_protocol import accuracy
 
 
 def _check_sigma(sigma: float) -> float:
@@ -35,7 +35,7 @@ class GaussianLoss:
     def __call__(self, model, x, y, epoch):
         logits = model(gaussian_noise(x, self.sigma))
         loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.item(), "acc": accuracy(logits, y)}
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}
 
 
 class StabilityLoss:
@@ -59,5 +59,5 @@ class StabilityLoss:
         # F.kl_div(input=log q, target=log p, log_target=True) is KL(p || q): here p = f(x + delta), q = f(x)
         kl = F.kl_div(F.log_softmax(clean, 1), F.log_softmax(noisy, 1), reduction="batchmean", log_target=True)
         loss = natural + self.beta * kl
-        return loss, {"loss": loss.item(), "acc": accuracy(clean, y), "noisy_acc": accuracy(noisy, y),
-                      "natural_loss": natural.item(), "kl": kl.item()}
+        return loss, {"loss": loss.detach(), "acc": accuracy(clean, y), "noisy_acc": accuracy(noisy, y),
+                      "natural_loss": natural.detach(), "kl": kl.detach()}

@@ -73,7 +73,7 @@ def fit(model: nn.Module, loss: Loss, optimizer: torch.optim.Optimizer, train_x:
             done += 1
             for key, number in metrics.items():  # summed where they are (on the device): no sync per batch
                 totals[key] = totals.get(key, 0.0) + (number.detach() if torch.is_tensor(number) else number)
-            if not bar.disable:
+            if not bar.disable and step % 25 == 0:  # reading a GPU's numbers waits for it: not every batch
                 bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", acc=f"{float(metrics['acc']):.3f}")
         means = distributed.mean_across_ranks({key: float(total) / max(1, done) for key, total in totals.items()})
         means["lr"] = optimizer.param_groups[0]["lr"]

@@ -53,7 +53,7 @@ def test_trades_adds_beta_times_a_nonnegative_divergence():
     loss, metrics = make_loss("trades", eps=0.1, beta=6.0, steps=3)(model, x, y, 0.0)
     natural = F.cross_entropy(model(x), y).item()
     assert metrics["robust_loss"] > 0
-    assert loss.item() == pytest.approx(natural + 6.0 * metrics["robust_loss"], rel=1e-5)
+    assert loss.item() == pytest.approx(natural + 6.0 * float(metrics["robust_loss"]), rel=1e-5)
 
 
 def test_pgd_training_loss_is_cross_entropy_on_worse_inputs():

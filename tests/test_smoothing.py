@@ -232,7 +232,7 @@ def test_stability_loss_is_cross_entropy_plus_beta_kl_of_noisy_from_clean():
     kl = (p_noisy * (p_noisy.log() - p_clean.log())).sum(1).mean()
     natural = nn.functional.cross_entropy(model(x), y)
     assert loss.item() == pytest.approx((natural + 3.0 * kl).item(), rel=1e-5)
-    assert metrics["kl"] == pytest.approx(kl.item(), rel=1e-4)
+    assert float(metrics["kl"]) == pytest.approx(kl.item(), rel=1e-4)
 
 
 # ---- certifying a run: certify.tsv, resume, summary, sigma check --------------------------------------------
