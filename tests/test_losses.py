@@ -1,5 +1,7 @@
 """Specification of the certified-training losses and their schedules."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,3 +73,10 @@ def test_loss_factory_is_strict():
         make_loss("ibp", eps=0.1, sigma=0.25)
     with pytest.raises(ValueError, match="eps must be"):
         BoundLoss(eps=-1)
+
+
+@pytest.mark.parametrize("module", ["certprune.losses", "certprune.losses_noise", "certprune.losses_adversarial"])
+def test_each_paths_loss_module_imports_on_its_own(module):
+    # a fresh interpreter: an import cycle between the registry and a path's module shows only when that module
+    # is imported first
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, capture_output=True, timeout=120)
