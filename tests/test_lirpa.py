@@ -149,6 +149,29 @@ def test_gradient_reaches_scores_and_weights_through_the_proxy(phase):
         assert torch.allclose(got["1.bias"], dense[1].bias.grad, atol=1e-6)
 
 
+def test_bounding_keeps_no_batch_sized_state_and_the_gradient_does_not_need_it(monkeypatch):
+    """auto_LiRPA leaves every node's bounds and A matrices behind; the proxy drops them (memory held between steps)
+    and the chained gradient is exactly the one computed with them kept."""
+    def score_gradient():
+        torch.manual_seed(0)
+        model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.2)
+        masking.set_phase(model, "prune")
+        x, y = torch.rand(4, 1, 12, 12), torch.randint(0, 10, (4,))
+        proxy = BoundedProxy(model, x)
+        ibp, crown_ibp = proxy.margin_lower_bounds_many(x, y, EPS, ["IBP", "CROWN-IBP"])
+        left = [(node.name, attr) for node in proxy.bounded._modules.values()
+                for attr in ("lower", "upper", "interval", "forward_value", "d", "lA", "lower_d") if hasattr(node, attr)]
+        (torch.nn.functional.softplus(-ibp).sum() + crown_ibp.square().mean()).backward()
+        return left, [p.grad for p in model.parameters() if p.requires_grad]
+
+    left, released = score_gradient()
+    assert left == []
+    monkeypatch.setattr(BoundedProxy, "_release_node_state", lambda self: None)
+    left, kept = score_gradient()
+    assert left  # without the release the state is there
+    assert all(torch.equal(a, b) for a, b in zip(released, kept))
+
+
 def test_no_gradient_leaks_without_grad_mode():
     model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.2)
     x, y = torch.rand(2, 1, 12, 12), torch.tensor([1, 2])
