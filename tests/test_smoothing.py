@@ -1,6 +1,7 @@
 """Specification of the randomized-smoothing certifier (Cohen et al. 2019) and of certifying a run's test images."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,10 @@ from certprune.certify.smoothing import (ABSTAIN, SigmaMismatchWarning, Smooth, 
                                          max_certifiable_radius, summarize, training_sigmas)
 from certprune.config import SmoothingConfig, load_config
 from certprune.losses import make_loss
+from certprune.models import MODELS
 from certprune.runs import RunError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Constant(nn.Module):
@@ -344,6 +348,17 @@ def test_the_training_sigma_is_read_from_the_runs_config():
     config = load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}}])
     assert training_sigmas(config) == [0.25]
     assert training_sigmas(load_config(None, [{"loss": {"name": "natural"}}])) == []
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").rglob("*smoothing*.yaml")))
+def test_shipped_smoothing_configs_train_with_noise_and_certify_at_their_sigma(path):
+    config = load_config(path)
+    smoothing.check_settings(config.certify)
+    assert training_sigmas(config) == [config.certify.sigma]
+    for phase in ("pretrain", "prune", "finetune"):
+        name, params = config.phase_loss(phase)
+        assert name in ("gaussian", "stability") and make_loss(name, **params)
+    assert config.model in MODELS and config.report_metric.startswith("certified_acc")
 
 
 def test_the_summary_counts_an_abstention_as_wrong_and_averages_radii_of_correct_images():
