@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from certprune import distributed
 from certprune.config import PhaseConfig, SmoothingConfig
+from certprune.devices import model_device
 from certprune.data import load_dataset
 from certprune.masking import PHASES
 from certprune.runs import (RunError, atomic_write_text, load_run, load_run_config, resolve_model_path,
@@ -180,19 +181,19 @@ class Smooth:
         _check_count("number of samples", num)
         _check_count("batch size", batch_size)
         counts = None
-        with torch.inference_mode():
+        autocast = torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
+                                  enabled=PRECISIONS[self.precision] is not None)
+        # the noise is drawn in place into the float32 buffer, so autocast changes only the classifier's arithmetic
+        with torch.inference_mode(), autocast, self._compiler_settings():
             x = torch.as_tensor(x).to(self.device, self.dtype)
             buffer = torch.empty((min(batch_size, num), *x.shape), dtype=self.dtype, device=self.device)
             if self.channels_last and buffer.dim() == 4:
                 buffer = buffer.to(memory_format=torch.channels_last)
-            autocast = torch.autocast(self.device.type, dtype=PRECISIONS[self.precision],
-                                      enabled=PRECISIONS[self.precision] is not None)
             remaining = num
             while remaining > 0:
                 noisy = buffer[:min(batch_size, remaining)]
-                noisy.normal_(0.0, self.sigma, generator=self.generator).add_(x)  # float32 noise, whatever precision
-                with autocast, self._compiler_settings():
-                    logits = self.classifier(noisy)
+                noisy.normal_(0.0, self.sigma, generator=self.generator).add_(x)
+                logits = self.classifier(noisy)
                 if self.num_classes is None:
                     self.num_classes = logits.shape[-1]
                 batch_counts = torch.bincount(logits.argmax(-1), minlength=self.num_classes)
@@ -379,9 +380,8 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
     out = tsv if world == 1 else run_dir / SHARD_FILES.replace("*", str(rank))
     if not out.exists():
         atomic_write_text(out, "\t".join(TSV_COLUMNS) + "\n")
-    device, _ = _device_and_dtype(model)
     smooth = Smooth(model, settings.sigma, precision=settings.precision, compile=settings.compile,
-                    channels_last=device.type == "cuda" and x.dim() == 4)
+                    channels_last=model_device(model).type == "cuda" and x.dim() == 4)
     with open(out, "a") as stream, tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img",
                                         desc=f"certify sigma={settings.sigma:g} n={settings.n}",
                                         disable=None if progress and main else True, dynamic_ncols=True) as bar:
