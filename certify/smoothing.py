@@ -25,7 +25,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 from certprune import distributed
 from certprune.config import PhaseConfig, SmoothingConfig
 from certprune.devices import model_device
+from certprune.losses_noise import check_sigma
 from certprune.data import load_dataset
 from certprune.masking import PHASES
 from certprune.runs import (RunError, atomic_write_text, load_run, load_run_config, resolve_model_path,
@@ -53,16 +53,6 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # None: the model's own dty
 
 class SigmaMismatchWarning(UserWarning):
     """Certifying with a noise level the model was not trained for (legal, but usually far weaker)."""
-
-
-def check_sigma(sigma: float) -> float:
-    try:
-        sigma = float(sigma)
-    except (TypeError, ValueError):
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}") from None
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number > 0 (the noise's standard deviation), got {sigma}")
-    return sigma
 
 
 def _check_count(name: str, value: int) -> int:

@@ -14,10 +14,14 @@ import torch.nn.functional as F
 from .loss_protocol import accuracy
 
 
-def _check_sigma(sigma: float) -> float:
-    sigma = float(sigma)
+def check_sigma(sigma: float) -> float:
+    """The noise level as a float; one check for training (these losses) and certification (the smoother)."""
+    try:
+        sigma = float(sigma)
+    except (TypeError, ValueError):
+        raise ValueError(f"sigma must be a number > 0, got {sigma!r}") from None
     if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        raise ValueError(f"sigma must be a finite number > 0 (the noise's standard deviation), got {sigma}")
     return sigma
 
 
@@ -30,7 +34,7 @@ class GaussianLoss:
     """Cohen et al.'s training: cross-entropy on inputs with Gaussian noise of the certification's ``sigma``."""
 
     def __init__(self, sigma: float):
-        self.sigma = _check_sigma(sigma)
+        self.sigma = check_sigma(sigma)
 
     def __call__(self, model, x, y, epoch):
         logits = model(gaussian_noise(x, self.sigma))
@@ -47,7 +51,7 @@ class StabilityLoss:
     """
 
     def __init__(self, sigma: float, beta: float = 6.0):
-        self.sigma = _check_sigma(sigma)
+        self.sigma = check_sigma(sigma)
         if not beta >= 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.beta = float(beta)
