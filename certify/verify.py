@@ -59,7 +59,7 @@ def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     positions = distributed.shard(len(x), batch_size)
     n, x, y = len(x), x[positions], y[positions]
     with torch.no_grad():
-        correct = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        correct = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # not torch.cat: a rank's share may be empty
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             correct[part] = model(x[part]).argmax(1) == y[part]
