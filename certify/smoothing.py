@@ -39,10 +39,8 @@ from certprune import distributed
 from certprune.config import PhaseConfig, SmoothingConfig
 from certprune.devices import model_device
 from certprune.losses_noise import check_sigma
-from certprune.data import load_dataset
 from certprune.masking import PHASES
-from certprune.runs import (RunError, atomic_write_text, load_run, load_run_config, resolve_model_path,
-                            update_metrics)
+from certprune.runs import RunError, atomic_write_text, load_saved_run, update_metrics
 
 ABSTAIN = -1
 TSV_FILE, SETTINGS_FILE = "certify.tsv", "certify.json"
@@ -408,15 +406,10 @@ def certify_saved_run(source: str | Path, settings: SmoothingConfig, restart: bo
     """``certprune certify``: certify the test images of a finished run (a directory or its model.pt) with the data
     set and training sigma its config.yaml names, and merge the summary into its metrics.json. Under torchrun the
     processes share the images (:func:`certify_run`) and rank 0 writes metrics.json."""
-    model_path = resolve_model_path(source)
+    model_path, config, model, x, y = load_saved_run(source, device)
     run_dir = model_path.parent
-    config = load_run_config(run_dir)
-    trained = training_sigmas(config)
-    check_settings(SmoothingConfig(**{**settings.__dict__, "sigma": resolve_sigma(settings.sigma, trained)}))
-    model = load_run(model_path).to(device)
-    data = load_dataset(config.dataset, config.data_dir)
-    summary = certify_run(model, data.test_x.to(device), data.test_y.to(device), run_dir, settings, seed=config.seed,
-                          trained_sigmas=trained, restart=restart, warn=warn)
+    summary = certify_run(model, x, y, run_dir, settings, seed=config.seed, trained_sigmas=training_sigmas(config),
+                          restart=restart, warn=warn)
     if distributed.is_main():
         update_metrics(run_dir, **summary)
     return summary

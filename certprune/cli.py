@@ -94,18 +94,6 @@ DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA if there is a GPU), cpu, cuda or cuda:<index>.")
 
 
-def _saved_run(source, max_examples, device):
-    """A finished run's model path, config, model and (first ``max_examples``) test images, on ``device``."""
-    from .data import load_dataset
-    from .runs import load_run, load_run_config, resolve_model_path
-
-    model_path = resolve_model_path(source)
-    config = load_run_config(model_path.parent)
-    data = load_dataset(config.dataset, config.data_dir)
-    x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
-    return model_path, config, load_run(model_path).to(device), x.to(device), y.to(device)
-
-
 def _record(model_path: Path, result: dict) -> None:
     """Merge an evaluation's figures into the run's metrics.json and print them (rank 0 only under torchrun)."""
     from .runs import update_metrics
@@ -178,9 +166,10 @@ def prune(k, method, source, out, resume, **options):
 def verify(source, eps, methods, max_examples, batch_size, device):
     """Verified accuracy of a run from IBP / CROWN bounds; written into its metrics.json."""
     from .certify.verify import verify as run_verify
+    from .runs import load_saved_run
 
     device = _start(device)
-    model_path, config, model, x, y = _saved_run(source, max_examples, device)
+    model_path, config, model, x, y = load_saved_run(source, device, max_examples)
     eps = eps if eps is not None else config.loss.get("eps", 0.0)
     _record(model_path, run_verify(model, x, y, eps, methods or ("IBP", "CROWN"), batch_size))
 
@@ -257,6 +246,7 @@ def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, m
     """Clean and PGD (robust) accuracy of a run; written into its metrics.json as pgd_acc and attack."""
     from .certify.empirical import attack_accuracy, make_attack
     from .config import AttackConfig
+    from .runs import load_saved_run
 
     settings = AttackConfig(norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=restarts,
                             objective=objective, max_examples=max_examples, batch_size=batch_size)
@@ -265,7 +255,7 @@ def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, m
     if max_examples is not None and max_examples <= 0:
         raise ValueError(f"--max must be a positive number of images, got {max_examples}")
     device = _start(device)
-    model_path, config, model, x, y = _saved_run(source, max_examples, device)
+    model_path, config, model, x, y = load_saved_run(source, device, max_examples)
     pgd = make_attack(settings, config.loss.get("eps"))
     _record(model_path, attack_accuracy(model, x, y, pgd, batch_size, seed=seed))
 

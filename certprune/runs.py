@@ -130,6 +130,18 @@ def load_run_config(run_dir: str | Path):
     return load_config(path if path.exists() else None)
 
 
+def load_saved_run(source: str | Path, device: str | torch.device = "cpu", max_examples: int | None = None):
+    """What evaluating a finished run needs: its model path, its config, its model and its data set's test images
+    and labels (the first ``max_examples`` of them when given), model and images on ``device``."""
+    from .data import load_dataset
+
+    model_path = resolve_model_path(source)
+    config = load_run_config(model_path.parent)
+    data = load_dataset(config.dataset, config.data_dir)
+    x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
+    return model_path, config, load_run(model_path).to(device), x.to(device), y.to(device)
+
+
 def load_run(path: str | Path) -> nn.Module:
     """The model of a finished run (a directory or its ``model.pt``): a plain ``nn.Module`` in eval mode that maps
     images in [0, 1] to logits, its pruned weights exactly 0."""
