@@ -16,3 +16,20 @@ TINY = {
 
 def tiny_config(**overrides):
     return load_config(None, [TINY, overrides])
+
+
+def interrupt_certify_after(monkeypatch, images):
+    """Make ``Smooth.certify`` raise KeyboardInterrupt, as Ctrl-C would, once ``images`` images are certified;
+    returns the list that records each call (``monkeypatch.undo()`` restores the certifier)."""
+    from certprune.certify.smoothing import Smooth
+
+    original, calls = Smooth.certify, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > images:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Smooth, "certify", interrupted)
+    return calls

@@ -5,11 +5,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from certprune.certify.smoothing import Smooth
 from certprune.cli import main
 from certprune.config import load_config, save_config
 from certprune.models import create_model
 from certprune.runs import save_model
+from helpers import interrupt_certify_after
 
 
 @pytest.fixture
@@ -61,18 +61,10 @@ def test_an_unreadable_run_gives_a_one_line_error(tmp_path):
 
 
 def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruption(run_dir, monkeypatch):
-    original, calls = Smooth.certify, []
-
-    def interrupt_after_two(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Smooth, "certify", interrupt_after_two)
+    interrupt_certify_after(monkeypatch, 2)
     result = certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4)
     assert result.exit_code == 130 and "rerun the same command" in result.output
-    monkeypatch.setattr(Smooth, "certify", original)
+    monkeypatch.undo()
     result = certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4)
     assert result.exit_code == 0, result.output
     assert_one_line_error(certify("--from", run_dir, "--n0", 10, "--n", 50, "--max", 4, "--precision", "bf16"),

@@ -15,6 +15,7 @@ from certprune.config import SmoothingConfig, load_config
 from certprune.losses import make_loss
 from certprune.models import MODELS
 from certprune.runs import RunError
+from helpers import interrupt_certify_after
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,18 +279,10 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_an_image(tmp_pat
     certify_run(_tiny_model(), x, y, reference, _settings(), progress=False)
 
     run_dir = tmp_path / "interrupted"
-    original, calls = Smooth.certify, []
-
-    def interrupt_after_five(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) > 5:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Smooth, "certify", interrupt_after_five)
+    interrupt_certify_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         certify_run(_tiny_model(), x, y, run_dir, _settings(), progress=False)
-    monkeypatch.setattr(Smooth, "certify", original)
+    monkeypatch.undo()
     assert len(_lines(run_dir)) == 1 + 5
     with open(run_dir / "certify.tsv", "a") as stream:  # a line cut off mid-write by the interruption
         stream.write("5\t1\t")
@@ -299,8 +292,7 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_an_image(tmp_pat
         return [line.rsplit("\t", 1)[0] for line in lines]
 
     assert without_seconds(_lines(run_dir)) == without_seconds(_lines(reference))
-    calls.clear()
-    monkeypatch.setattr(Smooth, "certify", interrupt_after_five)
+    calls = interrupt_certify_after(monkeypatch, 5)
     certify_run(_tiny_model(), x, y, run_dir, _settings(), progress=False)  # all done: certifies nothing again
     assert calls == [] and len(_lines(run_dir)) == 1 + len(x)
 
