@@ -1,10 +1,12 @@
-"""The masked-layer core: the only place that knows how a pruning mask is made.
+"""The mask itself: scores, the exact count rule, straight-through top-k, phases, dense export.
 
 A prunable weight (the ``weight`` of every ``Conv2d`` and ``Linear``) is reparametrised with
 ``torch.nn.utils.parametrize`` by :class:`TopKMask`, which owns a real-valued ``scores`` tensor of the weight's shape.
-Reading ``layer.weight`` then yields ``original * mask`` where ``mask`` keeps the ``num_kept(k, n)`` weights with the
-largest ``|score|`` (HYDRA). The mask is a straight-through estimate: its forward value is 0/1, its backward is the
-identity, so every score gets gradient ``d loss / d effective_weight * original``.
+Reading ``layer.weight`` then yields ``original * mask`` where ``mask`` keeps the ``count`` weights with the largest
+``|score|`` (HYDRA). How many a layer keeps is the allocation's business (:mod:`.allocation`): a fixed number
+(``layerwise``: ``num_kept(k, n)``; ``erk``), or a number a shared :class:`Plan` recomputes from every layer's
+current scores or learned rates (``global``, ``learned``). The mask is a straight-through estimate: its forward value
+is 0/1, its backward is the identity, so every score gets gradient ``d loss / d effective_weight * original``.
 
 Why a parametrization: the original weight keeps its Parameter identity (optimisers stay valid), the effective
 weight is what every consumer sees (losses, attacks, certifiers, auto_LiRPA's proxy), and removing the
@@ -12,6 +14,7 @@ parametrization leaves a plain dense layer whose pruned entries are exactly 0.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from decimal import ROUND_CEILING, Decimal
@@ -64,19 +67,54 @@ class _TopKStraightThrough(torch.autograd.Function):
         return grad_mask, None
 
 
-class TopKMask(nn.Module):
-    """Parametrization ``weight -> weight * topk_mask(|scores|)`` with ``k`` the fraction of weights kept."""
+class _GivenStraightThrough(torch.autograd.Function):
+    """Forward: a 0/1 mask chosen elsewhere (a global top-k). Backward: identity to ``magnitude``."""
 
-    def __init__(self, scores: torch.Tensor, k: float):
+    @staticmethod
+    def forward(ctx, magnitude: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mask.reshape(magnitude.shape).to(magnitude.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad_mask: torch.Tensor):
+        return grad_mask, None
+
+
+class Plan:
+    """What a shared allocation provides to its masks (``global``, ``learned``); see :mod:`.allocation`."""
+
+    def layer_mask(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_count(self, index: int) -> int:
+        raise NotImplementedError
+
+
+class TopKMask(nn.Module):
+    """Parametrization ``weight -> weight * topk_mask(|scores|)``; ``k`` is the fraction of weights kept.
+
+    ``count`` fixes how many this layer keeps (``erk``); without it, ``num_kept(k, n)`` (``layerwise``). A
+    :class:`Plan` set by :func:`~certprune.masking.apply_masks` overrides both (``global``, ``learned``).
+    """
+
+    def __init__(self, scores: torch.Tensor, k: float, count: int | None = None):
         super().__init__()
         self.k = check_k(k)
         self.scores = nn.Parameter(scores.detach().clone())
+        if count is not None and not 1 <= count <= self.scores.numel():
+            raise ValueError(f"count must be in [1, {self.scores.numel()}], got {count}")
+        self.fixed_count = count
+        self.plan: Plan | None = None  # a plain attribute: shared by several masks, owned by none of them
+        self.index = 0
 
     @property
     def count(self) -> int:
-        return num_kept(self.k, self.scores.numel())
+        if self.plan is not None:
+            return self.plan.layer_count(self.index)
+        return num_kept(self.k, self.scores.numel()) if self.fixed_count is None else self.fixed_count
 
     def mask(self) -> torch.Tensor:
+        if self.plan is not None:
+            return self.plan.layer_mask(self.index)
         return _TopKStraightThrough.apply(self.scores.abs(), self.count)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -86,13 +124,30 @@ class TopKMask(nn.Module):
         return f"k={self.k}, kept={self.count}/{self.scores.numel()}"
 
 
+_CACHE = {"depth": 0, "generation": 0}
+
+
+def cache_generation() -> int | None:
+    """An id of the current :func:`cached` block (``None`` outside one): plans memoise their masks per block."""
+    return _CACHE["generation"] if _CACHE["depth"] else None
+
+
+@contextlib.contextmanager
 def cached():
     """Context in which each mask and effective weight is computed once, however often it is read.
 
     A training step reads every effective weight at least twice (the forward pass, and the copy into auto_LiRPA's
-    proxy), and each read would otherwise redo the layer's top-k.
+    proxy), and each read would otherwise redo the layer's top-k (and a shared plan's global top-k once per
+    layer). Scores and rates must not change inside the block.
     """
-    return parametrize.cached()
+    with parametrize.cached():
+        if _CACHE["depth"] == 0:
+            _CACHE["generation"] += 1
+        _CACHE["depth"] += 1
+        try:
+            yield
+        finally:
+            _CACHE["depth"] -= 1
 
 
 def scaled_scores(weight: torch.Tensor) -> torch.Tensor:
@@ -123,25 +178,6 @@ def raw_weight(module: nn.Module) -> nn.Parameter:
     return module.parametrizations.weight.original if is_masked(module) else module.weight
 
 
-def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"] = "scaled") -> nn.Module:
-    """Attach a :class:`TopKMask` to every prunable layer (layer-wise k, HYDRA's default); returns ``model``.
-
-    ``init="scaled"`` is HYDRA's score initialisation; ``"magnitude"`` sets ``scores = |w|``. Both rank weights
-    by magnitude, so before any score training the mask is exactly least-weight-magnitude (LWM) pruning.
-    """
-    k = check_k(k)
-    layers = list(prunable_layers(model))
-    if not layers:
-        raise ValueError("model has no Conv2d or Linear layer to prune")
-    for _, layer in layers:
-        if is_masked(layer):
-            raise ValueError("model is already masked; call remove_masks first")
-        weight = layer.weight.detach()
-        scores = scaled_scores(weight) if init == "scaled" else weight.abs()
-        parametrize.register_parametrization(layer, "weight", TopKMask(scores, k))
-    return model
-
-
 def masked_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if is_masked(module):
@@ -150,6 +186,24 @@ def masked_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def scores(model: nn.Module) -> list[nn.Parameter]:
     return [mask_of(m).scores for _, m in masked_layers(model)]
+
+
+def rate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learned per-layer rate logits (``allocation="learned"``; empty otherwise). They train with the scores
+    in the prune phase; give them their own optimiser group if they should move at another learning rate."""
+    return [mask_of(m).rate_logit for _, m in masked_layers(model) if hasattr(mask_of(m), "rate_logit")]
+
+
+def allocation_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer name: (kept, total)}`` for every prunable layer: a masked layer's mask count, a plain layer's
+    number of nonzero weights (so a baked model reports what it kept)."""
+    counts = {}
+    with torch.no_grad():
+        for name, layer in prunable_layers(model):
+            total = raw_weight(layer).numel()
+            kept = mask_of(layer).count if is_masked(layer) else int(torch.count_nonzero(layer.weight))
+            counts[name] = (int(kept), total)
+    return counts
 
 
 def _bake(layer: nn.Module) -> None:
@@ -168,8 +222,12 @@ def _bake(layer: nn.Module) -> None:
 
 def remove_masks(model: nn.Module) -> nn.Module:
     """Bake every mask into its layer in place: plain layers whose pruned weights are exactly 0."""
-    for _, layer in list(masked_layers(model)):
+    layers = [layer for _, layer in masked_layers(model)]
+    with torch.no_grad():
+        effective = [layer.weight.detach().clone() for layer in layers]  # before any mask of a plan is gone
+    for layer, weight in zip(layers, effective):
         _bake(layer)
+        layer.weight.data = weight
     return model
 
 
@@ -181,13 +239,13 @@ def dense_copy(model: nn.Module) -> nn.Module:
 def set_phase(model: nn.Module, phase: Phase, train_norm_in_prune: bool = True) -> None:
     """Choose what trains by toggling ``requires_grad`` only (Parameter objects never change).
 
-    pretrain / finetune: weights, biases and norm layers train, scores are frozen (finetune's mask is fixed).
-    prune: only scores train; weights and biases are frozen. Norm-layer affine parameters train too when
-    ``train_norm_in_prune`` (HYDRA trains them).
+    pretrain / finetune: weights, biases and norm layers train, scores and rates are frozen (finetune's mask is
+    fixed). prune: only scores (and learned rates) train; weights and biases are frozen. Norm-layer affine
+    parameters train too when ``train_norm_in_prune`` (HYDRA trains them).
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
-    score_ids = {id(s) for s in scores(model)}
+    score_ids = {id(s) for s in scores(model)} | {id(r) for r in rate_parameters(model)}
     if phase == "prune" and not score_ids:
         raise ValueError("the prune phase needs a masked model (apply_masks first)")
     norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}

@@ -1,0 +1,17 @@
+"""The masked-layer core: the only place that knows how a pruning mask is made.
+
+:mod:`.core` makes a layer's mask (scores, ``num_kept``, straight-through top-k, phases, dense export);
+:mod:`.allocation` decides how many weights each layer keeps (``layerwise``, ``global``, ``erk``, ``learned``) and
+attaches the masks (:func:`apply_masks`).
+"""
+from .allocation import ALLOCATIONS, INITS, GlobalPlan, LearnedPlan, apply_masks, erk_counts, erk_logits, fill, \
+    largest_remainder
+from .core import NORM_LAYERS, PHASES, PRUNABLE, Phase, Plan, TopKMask, allocation_counts, cached, check_k, \
+    dense_copy, is_masked, mask_of, masked_layers, num_kept, prunable_layers, rate_parameters, raw_weight, \
+    remove_masks, scaled_scores, scores, set_phase, sparsity
+
+__all__ = ["ALLOCATIONS", "INITS", "NORM_LAYERS", "PHASES", "PRUNABLE", "GlobalPlan", "LearnedPlan", "Phase", "Plan",
+           "TopKMask", "allocation_counts", "apply_masks", "cached", "check_k", "dense_copy", "erk_counts",
+           "erk_logits", "fill", "is_masked", "largest_remainder", "mask_of", "masked_layers", "num_kept",
+           "prunable_layers", "rate_parameters", "raw_weight", "remove_masks", "scaled_scores", "scores",
+           "set_phase", "sparsity"]
