@@ -3,6 +3,13 @@
 The Python API a researcher imports: masks (:mod:`certprune.masking`), losses, the training loop, the three phases
 (:mod:`certprune.pipeline`), sweeps, and ``load_run`` for a finished run's model.
 """
-from .runs import load_run
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["load_run"]
+try:
+    __version__ = version("certprune")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+from .runs import load_run  # noqa: E402  (after __version__: the CLI reads it)
+
+__all__ = ["__version__", "load_run"]

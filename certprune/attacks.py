@@ -1,7 +1,7 @@
 """Projected gradient descent (PGD) attacks under L-inf and L2 budgets, in pixel space ([0, 1] images).
 
-One small class, :class:`PGD`, serves adversarial training (:mod:`certprune.losses_adversarial`) and evaluation
-(:mod:`certprune.certify.empirical`). Every iterate stays inside the eps ball around the clean image *and* inside
+One small class, :class:`PGD`, serves adversarial training (:mod:`certprune.losses.adversarial`) and evaluation
+(:mod:`certprune.certify.attack`). Every iterate stays inside the eps ball around the clean image *and* inside
 the [0, 1] pixel box: a step is projected onto the ball first, then clipped to the box, and clipping only moves a
 coordinate of the perturbation towards 0, so the result lies in both sets.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from typing import Callable, Iterator
 
 import torch
@@ -22,32 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .quantities import parse_eps
+
 NORMS = ("linf", "l2")
 OBJECTIVES = ("ce", "margin")
 STARTS = ("uniform", "normal", "zero")
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, y) -> per-example value to maximise
-
-
-def parse_eps(value, name: str = "eps") -> float:
-    """A perturbation budget from a number or a fraction string (``0.1``, ``"8/255"``); finite and >= 0."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number or a fraction like 8/255, got {value!r}")
-    if isinstance(value, str):
-        text = value.replace(" ", "")
-        try:
-            number = float(Fraction(text))
-        except ZeroDivisionError:
-            raise ValueError(f"{name} {value!r} divides by zero") from None
-        except ValueError:
-            raise ValueError(f"{name} must be a number or a fraction like 8/255, got {value!r}") from None
-    else:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number or a fraction like 8/255, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return number
 
 
 @contextlib.contextmanager

@@ -1,34 +1,49 @@
-"""``certprune`` command line: each command is a few lines over the Python API."""
+"""``certprune`` command line: each command is a few lines over the Python API; validation happens in the config."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import click
 
+from . import __version__
 from .config import ConfigError, load_config, parse_override
 from .data import DatasetNotFound
-from .runs import RunError
+from .logs import setup_logging
+from .runs import CONFIG_FILE, RunError, read_config
+from .train import TrainingDiverged
 
-USER_ERRORS = (ValueError, RunError, ConfigError, DatasetNotFound, FileNotFoundError)
+USER_ERRORS = (ValueError, RunError, ConfigError, DatasetNotFound, TrainingDiverged, OSError)
+RESUME_HINT = "interrupted; the last finished epoch is checkpointed (rerun with --resume)"
 
 
-def _one_line_errors(command):
-    """Turn expected failures into ``Error: <one line>`` and exit status 1, never a traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except USER_ERRORS as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise click.ClickException(message) from None
-        except KeyboardInterrupt:
-            click.echo("interrupted; the last finished epoch is checkpointed (rerun with --resume)", err=True)
-            sys.exit(130)
-    return wrapper
+def _message(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line_errors(interrupted: str):
+    """Expected failures become ``Error: <one line>`` with exit status 1, never a traceback; Ctrl-C (and SIGTERM)
+    print what was kept, ``interrupted``, and exit 130."""
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except USER_ERRORS as error:
+                raise click.ClickException(_message(error)) from None
+            except KeyboardInterrupt:
+                click.echo(interrupted, err=True)
+                sys.exit(130)
+        return wrapper
+    return decorate
 
 
 def experiment_options(command):
@@ -41,8 +56,8 @@ def experiment_options(command):
         click.option("--data-dir", type=click.Path(), help="Where the data set's files are."),
         click.option("--model", help="Registered model name, e.g. cnn-small."),
         click.option("--loss", help="Training loss, e.g. crown-ibp, ibp, natural."),
-        click.option("--eps", type=float, help="Perturbation budget of the loss (L-inf, pixel space)."),
-        click.option("--sigma", type=float, help="Gaussian noise level of a smoothing loss (gaussian, stability)."),
+        click.option("--eps", help="Perturbation budget of the loss (L-inf, pixel space): 0.1 or 8/255."),
+        click.option("--sigma", help="Gaussian noise level of a smoothing loss (gaussian, stability)."),
         click.option("--seed", type=int),
         click.option("--device", help="auto (default: CUDA if there is a GPU), cpu, cuda or cuda:<index>."),
     ]
@@ -52,23 +67,24 @@ def experiment_options(command):
 
 
 def build_config(config_path, overrides, dataset=None, data_dir=None, model=None, loss=None, eps=None, seed=None,
-                 sigma=None, device=None, **_):
-    updates = [parse_override(text) for text in overrides]
+                 sigma=None, device=None, base=None, extra=None, **_):
+    """The validated config: defaults (or a resumed run's own ``base`` config), the file, then every flag."""
+    updates = [base.to_dict()] if base is not None else []
+    if base is not None and config_path is not None:  # the file may only repeat the resumed run's settings
+        updates.append(load_config(config_path).to_dict())
+        config_path = None
+    updates += [parse_override(text) for text in overrides]
     flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed, "device": device}
     updates.append({key: value for key, value in flags.items() if value is not None})
-    if loss is not None:
-        updates.append({"loss": {"name": loss}})
-    if eps is not None:
-        updates.append({"loss": {"eps": eps}})
-    if sigma is not None:
-        updates.append({"loss": {"sigma": sigma}})
+    loss_flags = {"name": loss, "eps": eps, "sigma": sigma}
+    updates.append({"loss": {key: value for key, value in loss_flags.items() if value is not None}})
+    updates += extra or []
     return load_config(config_path, updates)
 
 
 def _pretrain_cache_dir(config) -> Path:
     """Where ``prune`` without ``--from`` keeps the dense model it pretrains: keyed by what shapes that model."""
-    key = {name: getattr(config, name) for name in ("dataset", "data_dir", "model", "seed", "batch_size", "loss")}
-    key["pretrain"] = config.pretrain.__dict__
+    key = {name: value for name, value in config.training_dict().items() if name not in ("prune", "finetune")}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return Path("runs") / "cache" / f"dense-{config.model}-{digest}"
 
@@ -83,204 +99,191 @@ def _start(device_spec):
     return device
 
 
-def _main_process() -> bool:
-    """Rank 0 under torchrun (it alone prints and writes metrics.json); always True in a single process."""
+def _show(result) -> None:
     from .distributed import is_main
 
-    return is_main()
-
-
-DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
-                             help="auto (CUDA if there is a GPU), cpu, cuda or cuda:<index>.")
-
-
-def _record(model_path: Path, result: dict) -> None:
-    """Merge an evaluation's figures into the run's metrics.json and print them (rank 0 only under torchrun)."""
-    from .runs import update_metrics
-
-    if _main_process():
-        if model_path.parent.is_dir():
-            update_metrics(model_path.parent, **result)
+    if is_main():
         click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
+def _resumed_config(out, resume):
+    """With ``--resume``, the run's own config is the base that flags may only repeat (the pipeline refuses a
+    difference in one line)."""
+    return read_config(out) if resume and out is not None and Path(out, CONFIG_FILE).is_file() else None
+
+
+def _raise_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
+@click.version_option(__version__, prog_name="certprune")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and results, no progress lines.")
+def main(quiet):
     """Prune neural networks with HYDRA while keeping them certifiably robust."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=DeprecationWarning)
+    signal.signal(signal.SIGTERM, _raise_sigterm)  # a kill runs the same cleanup as Ctrl-C: no temporaries left
+    setup_logging(quiet)
 
 
 @main.command()
 @experiment_options
 @click.option("--out", type=click.Path(file_okay=False), default="runs/pretrain", show_default=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
-@_one_line_errors
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch, with its settings.")
+@one_line_errors(RESUME_HINT)
 def pretrain(out, resume, **options):
-    """Train the dense model."""
+    """Train the dense model, then run the evaluations its config asks for."""
+    from .evaluation import evaluate_configured
     from .pipeline import pretrain as run
 
-    config = build_config(**options)
-    _start(config.device)
+    config = build_config(**options, base=_resumed_config(out, resume))
+    device = _start(config.device)
     metrics = run(config, out, resume=resume)
-    if _main_process():
-        click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+    _show({**metrics, "evaluations": evaluate_configured(out, config, device)})
 
 
 @main.command()
 @experiment_options
-@click.option("--k", "k", type=float, required=True, help="Fraction of weights kept per layer, in (0, 1].")
-@click.option("--method", type=click.Choice(["hydra", "lwm"]), default="hydra", show_default=True)
+@click.option("--k", "k", help="Fraction of weights kept, in (0, 1] [a resumed run's own].")
+@click.option("--method", type=click.Choice(["hydra", "lwm"]), help="Pruning method [hydra; a resumed run's own].")
+@click.option("--allocation", help="How k is shared between layers: layerwise (default), global, erk, learned.")
 @click.option("--from", "source", type=click.Path(), help="Run directory (or model.pt) to prune; default: "
               "pretrain the config's dense model once and cache it under runs/cache.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<method>-<loss>-k<k>].")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch.")
-@_one_line_errors
-def prune(k, method, source, out, resume, **options):
-    """Prune to a fraction k of the weights (score training, then fine-tuning)."""
-    from .masking import check_k
-    from .pipeline import pretrain as run_pretrain, prune as run_prune
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch, with its settings.")
+@one_line_errors(RESUME_HINT)
+def prune(k, method, allocation, source, out, resume, **options):
+    """Prune to a fraction k of the weights (score training, then fine-tuning), then evaluate."""
+    from .evaluation import evaluate_configured
+    from .pipeline import pretrain as run_pretrain, prune as run_prune, stored_identity
+    from .quantities import check_k
+    from .runs import load_model_file, resolve_model_path
 
-    k = check_k(k)
-    config = build_config(**options)
-    _start(config.device)
+    stored = stored_identity(out) if resume and out else {}
+    k = check_k(k if k is not None else stored.get("k", k))
+    method = method or stored.get("method", "hydra")
+    source = source or stored.get("source")
+    extra = [{"prune": {"allocation": allocation}}] if allocation else []
+    resumed = _resumed_config(out, resume)
+    config = build_config(**options, base=resumed, extra=extra)
+    device = _start(config.device)
+    if source is not None and options.get("model") is None and resumed is None:  # the model is the source's
+        config = config.model_copy(update={"model": load_model_file(resolve_model_path(source))[1]["name"]})
     if source is None:
         source = _pretrain_cache_dir(config)
         if not (source / "model.pt").exists():
-            if _main_process():
-                click.echo(f"no --from given: pretraining the dense model into {source}", err=True)
+            click.echo(f"no --from given: pretraining the dense model into {source}", err=True)
             run_pretrain(config, source, resume=True)
     out = out or f"runs/{method}-{config.loss_name}-k{k:g}"
     metrics = run_prune(config, out, k, method, source, resume=resume)
-    if _main_process():
-        click.echo(json.dumps(metrics, indent=2, sort_keys=True))
+    _show({**metrics, "evaluations": evaluate_configured(out, config, device)})
+
+
+def _evaluate(source, section, requested, device, restart=False):
+    from .evaluation import evaluate_run
+
+    _show(evaluate_run(source, {section: requested}, _start(device), restart=restart))
+
+
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA if there is a GPU), cpu, cuda or cuda:<index>.")
+SOURCE_OPTION = click.option("--from", "source", type=click.Path(), required=True, help="Run directory or model.pt.")
+MAX_OPTION = click.option("--max", "max", type=int, help="Evaluate at most N of the selected test images [all].")
+SKIP_OPTION = click.option("--skip", type=int, help="Evaluate every skip-th test image [1].")
+NOT_RECORDED = "interrupted; nothing was recorded"
 
 
 @main.command()
-@click.option("--from", "source", type=click.Path(), required=True, help="Run directory to verify.")
-@click.option("--eps", type=float, help="L-inf budget [the run's training eps].")
-@click.option("--method", "methods", multiple=True, type=click.Choice(["IBP", "CROWN", "CROWN-IBP"],
-              case_sensitive=False), help="Bound methods (repeatable) [IBP, CROWN].")
-@click.option("--max", "max_examples", type=int, help="Verify only the first N test images.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
+@SOURCE_OPTION
+@click.option("--eps", help="L-inf budget, 0.1 or 8/255 [the run's verify.eps, else its training eps].")
+@click.option("--method", "methods", multiple=True,
+              help="Bound methods in cascade order (repeatable): IBP, CROWN, CROWN-IBP, alpha-CROWN, MILP [IBP, CROWN].")
+@MAX_OPTION
+@SKIP_OPTION
+@click.option("--batch-size", type=int, help="Images bounded at once [256].")
+@click.option("--timeout", type=float, help="Seconds per image of the MILP stage [10].")
 @DEVICE_OPTION
-@_one_line_errors
-def verify(source, eps, methods, max_examples, batch_size, device):
-    """Verified accuracy of a run from IBP / CROWN bounds; written into its metrics.json."""
-    from .certify.verify import verify as run_verify
-    from .runs import load_saved_run
-
-    device = _start(device)
-    model_path, config, model, x, y = load_saved_run(source, device, max_examples)
-    eps = eps if eps is not None else config.loss.get("eps", 0.0)
-    _record(model_path, run_verify(model, x, y, eps, methods or ("IBP", "CROWN"), batch_size))
+@one_line_errors(NOT_RECORDED)
+def verify(source, eps, methods, max, skip, batch_size, timeout, device):
+    """Verified accuracy from sound bounds; recorded in the run's metrics.json with the images and settings."""
+    requested = {"eps": eps, "bound_methods": list(methods) or None, "max": max, "skip": skip,
+                 "batch_size": batch_size, "timeout": timeout}
+    _evaluate(source, "verify", requested, device)
 
 
 @main.command()
-@click.option("--from", "source", type=click.Path(), required=True, help="Run directory (or model.pt) to certify.")
-@click.option("--sigma", type=float, help="Noise level of the smoothed classifier [the run's training sigma].")
-@click.option("--n0", type=int, default=100, show_default=True, help="Samples that choose the top class.")
-@click.option("--n", "n", type=int, default=100_000, show_default=True, help="Samples that bound its probability.")
-@click.option("--alpha", type=float, default=0.001, show_default=True, help="Failure probability per image.")
-@click.option("--batch", type=int, default=1000, show_default=True,
-              help="Noisy samples per forward pass (10000 suits a GPU).")
-@click.option("--precision", default="fp32", show_default=True,
-              help="fp32 or bf16: bf16 certifies the classifier as computed under bf16 autocast (faster on a GPU).")
-@click.option("--compile", "compile_model", is_flag=True, help="Run the classifier through torch.compile.")
-@click.option("--skip", type=int, default=1, show_default=True, help="Certify every skip-th test image.")
-@click.option("--max", "max_examples", type=int, help="Certify at most N of the selected test images.")
+@SOURCE_OPTION
+@click.option("--sigma", help="Noise level of the smoothed classifier [the run's training sigma].")
+@click.option("--n0", type=int, help="Samples that choose the top class [100].")
+@click.option("--n", "n", type=int, help="Samples that bound its probability [100000].")
+@click.option("--alpha", help="Failure probability per image [0.001].")
+@click.option("--batch", type=int, help="Noisy samples per forward pass [1000; 10000 suits a GPU].")
+@click.option("--precision", help="fp32 or bf16: bf16 certifies the classifier as computed under bf16 autocast.")
+@click.option("--compile", "compile_model", is_flag=True, default=None, help="Run the classifier through torch.compile.")
+@SKIP_OPTION
+@MAX_OPTION
 @click.option("--restart", is_flag=True, help="Discard the run's certify.tsv instead of resuming it.")
 @DEVICE_OPTION
-@_one_line_errors
-def certify(source, sigma, n0, n, alpha, batch, precision, compile_model, skip, max_examples, restart, device):
+@one_line_errors("interrupted; certified images are kept in certify.tsv (rerun the same command to resume)")
+def certify(source, sigma, n0, n, alpha, batch, precision, compile_model, skip, max, restart, device):
     """Randomized-smoothing certified L2 radii (Cohen et al.) of a run's test images.
 
     Writes RUN/certify.tsv as it goes (rerun the same command to resume) and the summary into RUN/metrics.json.
     """
-    from .certify.smoothing import certify_saved_run
-    from .config import SmoothingConfig
+    requested = {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "batch": batch, "precision": precision,
+                 "compile": compile_model, "skip": skip, "max": max}
+    _evaluate(source, "smoothing", requested, device, restart=restart)
 
-    settings = SmoothingConfig(sigma=sigma, n0=n0, n=n, alpha=alpha, batch=batch, precision=precision,
-                               compile=compile_model, skip=skip, max=max_examples)
-    device = _start(device)
-    main_process = _main_process()
-    try:
-        summary = certify_saved_run(source, settings, restart, device=device,
-                                    warn=lambda text: main_process and click.echo(f"Warning: {text}", err=True))
-    except KeyboardInterrupt:
-        click.echo("interrupted; certified images are kept in certify.tsv (rerun the same command to resume)", err=True)
-        sys.exit(130)
-    if main_process:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+
+@main.command()
+@SOURCE_OPTION
+@click.option("--attack", type=click.Choice(["pgd"]), default="pgd", show_default=True)
+@click.option("--norm", type=click.Choice(["linf", "l2"]), help="[linf]")
+@click.option("--eps", help="Budget in pixel space, 0.1 or 8/255 [the run's attack.eps, else its training eps].")
+@click.option("--steps", type=int, help="[50]")
+@click.option("--step-size", help="Step size, a number or a fraction [2.5 * eps / steps].")
+@click.option("--restarts", type=int, help="Random starts; the worst counts [1].")
+@click.option("--objective", type=click.Choice(["ce", "margin"]), help="[ce]")
+@MAX_OPTION
+@SKIP_OPTION
+@click.option("--batch-size", type=int, help="[500]")
+@click.option("--seed", type=int, help="Seed of the random starts [0].")
+@DEVICE_OPTION
+@one_line_errors(NOT_RECORDED)
+def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max, skip, batch_size, seed, device):
+    """Clean and PGD (robust) accuracy of a run; recorded in its metrics.json with the images and settings."""
+    requested = {"norm": norm, "eps": eps, "steps": steps, "step_size": step_size, "restarts": restarts,
+                 "objective": objective, "max": max, "skip": skip, "batch_size": batch_size, "seed": seed}
+    _evaluate(source, "attack", requested, device)
 
 
 @main.command()
 @experiment_options
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Sweep directory.")
 @click.option("--from", "source", type=click.Path(), help="Dense run to prune instead of pretraining one.")
-@_one_line_errors
+@one_line_errors("interrupted; rerun the same sweep command to continue (finished runs are kept)")
 def sweep(out, source, **options):
     """Dense, then HYDRA and LWM at every k of the config; results.md and sparsity.png."""
+    from .distributed import is_main
     from .sweep import sweep as run_sweep
 
     config = build_config(**options)
     _start(config.device)
     run_sweep(config, out, source)
-    if _main_process():
+    if is_main():
         click.echo(Path(out, "results.md").read_text())
-
-
-@main.command()
-@click.option("--from", "source", type=click.Path(), required=True, help="Run directory (or model.pt) to attack.")
-@click.option("--attack", type=click.Choice(["pgd"]), default="pgd", show_default=True)
-@click.option("--norm", type=click.Choice(["linf", "l2"]), default="linf", show_default=True)
-@click.option("--eps", help="Budget in pixel space, a number or a fraction like 8/255 [the run's training eps].")
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--step-size", help="Step size, a number or a fraction [2.5 * eps / steps].")
-@click.option("--restarts", type=int, default=1, show_default=True, help="Random starts; the worst counts.")
-@click.option("--objective", type=click.Choice(["ce", "margin"]), default="ce", show_default=True)
-@click.option("--max", "max_examples", type=int, help="Attack only the first N test images.")
-@click.option("--batch-size", type=int, default=500, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random starts.")
-@DEVICE_OPTION
-@_one_line_errors
-def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max_examples, batch_size, seed, device):
-    """Clean and PGD (robust) accuracy of a run; written into its metrics.json as pgd_acc and attack."""
-    from .certify.empirical import attack_accuracy, make_attack
-    from .config import AttackConfig
-    from .runs import load_saved_run
-
-    settings = AttackConfig(norm=norm, eps=eps, steps=steps, step_size=step_size, restarts=restarts,
-                            objective=objective, max_examples=max_examples, batch_size=batch_size)
-    if eps is not None:
-        make_attack(settings, None)  # bad settings fail before any file is read
-    if max_examples is not None and max_examples <= 0:
-        raise ValueError(f"--max must be a positive number of images, got {max_examples}")
-    device = _start(device)
-    model_path, config, model, x, y = load_saved_run(source, device, max_examples)
-    pgd = make_attack(settings, config.loss.get("eps"))
-    _record(model_path, attack_accuracy(model, x, y, pgd, batch_size, seed=seed))
 
 
 @main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False))
 @click.option("--metric", help="Metric to plot [the sweep's report_metric].")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="PNG file [SWEEP_DIR/sparsity.png].")
-@_one_line_errors
+@one_line_errors("interrupted")
 def plot(sweep_dir, metric, out_path):
     """Plot a metric of a sweep's runs against sparsity (PNG)."""
-    from .plots import plot_vs_sparsity
-    from .runs import CONFIG_FILE, read_metrics
+    from .sweep import plot_sweep
 
-    sweep_dir = Path(sweep_dir)
-    runs = [d for d in sorted(sweep_dir.iterdir()) if (d / "metrics.json").exists()] if sweep_dir.is_dir() else []
-    if not runs:
-        raise RunError(f"{sweep_dir} holds no finished runs")
-    rows = [read_metrics(d) for d in runs]
-    config_file = next((d / CONFIG_FILE for d in runs if (d / CONFIG_FILE).exists()), None)
-    metric = metric or (load_config(config_file).report_metric if config_file else "verified_acc")
-    if not any(metric in row for row in rows):
-        raise RunError(f"no run in {sweep_dir} has the metric {metric!r}")
-    path = plot_vs_sparsity(rows, metric, Path(out_path) if out_path else sweep_dir / "sparsity.png")
-    click.echo(str(path))
+    click.echo(str(plot_sweep(Path(sweep_dir), metric, Path(out_path) if out_path else None)))
 
 
 if __name__ == "__main__":

@@ -1,137 +1,261 @@
-"""Experiment configuration: a YAML file -> dataclasses, with ``section.key=value`` overrides.
+"""Typed experiment settings, validated once at the boundary: YAML + ``section.key=value`` overrides -> :class:`Config`.
 
+Every quantity has one type (:data:`Eps` takes ``8/255`` everywhere, :data:`K`, :data:`Sigma`, :data:`Alpha`,
+:data:`PositiveInt`), and a config is checked whole, losses included, before any work starts; the layers below
+trust what they are given. pydantic v2 does the checking: it gives typed, nested, strict validation with the path
+of each bad key for a few lines per section, which hand-written checks repeated in every command did not.
 The resolved configuration is saved with every run (``config.yaml``), so a run directory says how it was made.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
+                      ValidationError, model_validator)
+
+from .quantities import check_alpha, check_k, check_sigma, parse_eps
+
+log = logging.getLogger("certprune")
 
 
 class ConfigError(ValueError):
-    pass
+    """A configuration cannot be used; the message names the key and says why in one line."""
 
 
-@dataclass
-class PhaseConfig:
+def _finite_positive(value: float) -> float:
+    if not (value > 0 and value != float("inf")):
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
+def _positive_int(value: int) -> int:
+    if value <= 0:
+        raise ValueError("must be a whole number > 0")
+    return value
+
+
+def _epochs(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be a whole number >= 0")
+    return value
+
+
+def _epsilon(value):
+    return value if value is None else parse_eps(value)
+
+
+Eps = Annotated[float | str, AfterValidator(_epsilon)]  # a number or a fraction such as "8/255", stored as a float
+K = Annotated[float, BeforeValidator(check_k)]
+Sigma = Annotated[float, BeforeValidator(check_sigma)]
+Alpha = Annotated[float, BeforeValidator(check_alpha)]
+PositiveInt = Annotated[StrictInt, AfterValidator(_positive_int)]
+Epochs = Annotated[StrictInt, AfterValidator(_epochs)]
+PositiveFloat = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_finite_positive)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+BOUND_METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN", "MILP")
+BOUND_LOSSES = ("ibp", "crown-ibp")
+PRETRAIN_RAMP = 0.4  # a bound loss pretrained without an eps ramp stays at chance: ramp over the first 40 %
+
+
+def _bound_method(name: str) -> str:
+    for method in BOUND_METHODS:
+        if str(name).lower() == method.lower():
+            return method
+    raise ValueError(f"unknown bound method {name!r}; choose from {', '.join(BOUND_METHODS)}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PhaseConfig(Section):
     """One training phase. ``loss`` overrides the experiment's loss parameters in this phase (e.g. its eps ramp)."""
 
-    epochs: int = 0
-    lr: float = 1e-3
-    optimizer: str = "adam"  # adam | sgd
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # cosine | constant
-    loss: dict[str, Any] = field(default_factory=dict)
+    epochs: Epochs = 0
+    lr: PositiveFloat = 1e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: NonNegativeFloat = 0.9
+    weight_decay: NonNegativeFloat = 0.0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    loss: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class VerifyConfig:
-    """IBP / CROWN verification of the final model; ``eps`` defaults to the training loss's eps."""
+class PruneConfig(PhaseConfig):
+    """HYDRA's score phase; ``allocation`` says how the budget k is shared between layers (certprune.masking)."""
 
-    eps: float | None = None
-    methods: list[str] = field(default_factory=lambda: ["IBP", "CROWN"])
-    max_examples: int | None = None
-    batch_size: int = 256
+    allocation: str = "layerwise"
 
 
-@dataclass
-class SmoothingConfig:
-    """Randomized-smoothing certification (Cohen et al. 2019) of the final model; see certprune.certify.smoothing.
+class ImageSelection(Section):
+    """Which test images an evaluation covers: every ``skip``-th from the first, at most ``max`` of them."""
 
-    ``sigma`` defaults to the training loss's sigma. ``skip`` / ``max`` choose the test images (every skip-th,
-    at most max of them); ``radii`` are the L2 radii at which certified accuracy is reported. ``precision``
-    (``fp32`` or ``bf16``) and ``compile`` trade exactness of the fp32 classifier for GPU speed (see
-    certprune.certify.smoothing); on a GPU, ``batch`` 10 000 is much faster than the default.
+    skip: PositiveInt = 1
+    max: PositiveInt | None = None
+
+
+class VerifyConfig(ImageSelection):
+    """Bound verification of the final model, a cascade of sound stages; ``eps`` defaults to the loss's eps."""
+
+    eps: Eps | None = None
+    bound_methods: list[Annotated[str, AfterValidator(_bound_method)]] = Field(
+        default_factory=lambda: ["IBP", "CROWN"], min_length=1)
+    batch_size: PositiveInt = 256
+    timeout: PositiveFloat = 10.0  # seconds per image of the complete (MILP) stage
+    alpha_iterations: PositiveInt = 20
+    alpha_lr: PositiveFloat = 0.5
+
+
+class SmoothingConfig(ImageSelection):
+    """Randomized-smoothing certification (Cohen et al. 2019); ``sigma`` defaults to the training loss's sigma.
+
+    ``radii`` are the L2 radii at which certified accuracy is reported. ``precision`` bf16 and ``compile`` trade
+    exactness of the fp32 classifier for GPU speed (see certprune.certify.smoothing); on a GPU, ``batch`` 10 000 is
+    much faster than the default.
     """
 
-    sigma: float | None = None
-    n0: int = 100
-    n: int = 100_000
-    alpha: float = 0.001
-    batch: int = 1000
-    precision: str = "fp32"
-    compile: bool = False
-    skip: int = 1
-    max: int | None = None
-    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    sigma: Sigma | None = None
+    n0: PositiveInt = 100
+    n: PositiveInt = 100_000
+    alpha: Alpha = 0.001
+    batch: PositiveInt = 1000
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: StrictBool = False
+    radii: list[NonNegativeFloat] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1)
 
 
-@dataclass
-class AttackConfig:
-    """PGD evaluation of the final model (certprune.certify.empirical): clean and robust accuracy (``pgd_acc``).
+class AttackConfig(ImageSelection):
+    """PGD evaluation of the final model: robust accuracy ``pgd_acc``, an upper bound on true robust accuracy.
 
-    ``eps`` and ``step_size`` take numbers or fractions like ``8/255``; ``eps`` defaults to the training loss's
-    eps, ``step_size`` to ``2.5 * eps / steps``. ``max_examples`` attacks only the first test images.
+    ``eps`` defaults to the training loss's eps, ``step_size`` to ``2.5 * eps / steps``.
     """
 
-    norm: str = "linf"
-    eps: float | str | None = None
-    steps: int = 50
-    step_size: float | str | None = None
-    restarts: int = 1
-    objective: str = "ce"
-    max_examples: int | None = None
-    batch_size: int = 500
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Eps | None = None
+    steps: PositiveInt = 50
+    step_size: Eps | None = None
+    restarts: PositiveInt = 1
+    objective: Literal["ce", "margin"] = "ce"
+    batch_size: PositiveInt = 500
+    seed: StrictInt | None = None  # of the random starts; None: the run's seed
 
 
-@dataclass
-class Config:
+EVALUATION_SECTIONS = ("verify", "smoothing", "attack")
+NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "prune_methods", "report_metric", "report_columns")
+_RENAMED = {"methods": "prune_methods", "certify": "smoothing"}
+_RENAMED_IN_SECTION = {"methods": "bound_methods", "max_examples": "max"}
+
+
+class Config(Section):
     dataset: str = "mnist-embedded"
     data_dir: str | None = None
     model: str = "cnn-small"
-    seed: int = 0
+    seed: Annotated[StrictInt, Field(ge=0)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:<index> (certprune.devices); torchrun: each process its GPU
-    batch_size: int = 128  # under torchrun the whole batch, shared out over the processes
-    train_examples: int | None = None  # train on the first N training images only (quick runs and tests)
-    loss: dict[str, Any] = field(default_factory=lambda: {"name": "crown-ibp", "eps": 0.1})
-    pretrain: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=30, lr=1e-3))
-    prune: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10, lr=3e-4))
-    finetune: PhaseConfig = field(default_factory=lambda: PhaseConfig(epochs=10, lr=5e-4))
-    train_norm_in_prune: bool = True
-    k: list[float] = field(default_factory=lambda: [0.1, 0.05, 0.01])
-    methods: list[str] = field(default_factory=lambda: ["hydra", "lwm"])
-    verify: VerifyConfig | None = field(default_factory=VerifyConfig)
-    certify: SmoothingConfig | None = None
+    batch_size: PositiveInt = 128  # under torchrun the whole batch, shared out over the processes
+    train_examples: PositiveInt | None = None  # train on the first N training images only (quick runs and tests)
+    augment: list[str] = Field(default_factory=list)
+    loss: dict[str, Any] = Field(default_factory=lambda: {
+        "name": "crown-ibp", "eps": 0.1, "kappa_start": 1.0, "kappa_end": 0.0, "beta_start": 1.0, "beta_end": 0.0})
+    pretrain: PhaseConfig = Field(default_factory=lambda: PhaseConfig(epochs=20, lr=1e-3))
+    prune: PruneConfig = Field(default_factory=lambda: PruneConfig(epochs=8, lr=3e-4))
+    finetune: PhaseConfig = Field(default_factory=lambda: PhaseConfig(epochs=8, lr=1e-3))
+    train_norm_in_prune: StrictBool = True
+    k: list[K] = Field(default_factory=lambda: [0.1, 0.05, 0.01], min_length=1)
+    prune_methods: list[Literal["hydra", "lwm"]] = Field(default_factory=lambda: ["hydra", "lwm"], min_length=1)
+    verify: VerifyConfig | None = Field(default_factory=VerifyConfig)
+    smoothing: SmoothingConfig | None = None
     attack: AttackConfig | None = None
     report_metric: str = "verified_acc"  # the metric of results.md's main column and of sparsity.png
-    report_columns: list[str] = field(default_factory=lambda: ["verified_acc_ibp", "verified_extra_crown"])
-    report_note: str = ""
+    report_columns: list[str] = Field(default_factory=lambda: ["verified_acc_ibp", "verified_extra_crown"])
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "Config":
+        from .data import DATASETS
+        from .losses import check_loss
+        from .models import MODELS
+
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
+        if self.model not in MODELS:
+            raise ValueError(f"model: unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
+        if not isinstance(self.loss.get("name"), str):
+            raise ValueError("loss: needs a name, e.g. loss.name=crown-ibp")
+        for phase in ("pretrain", "prune", "finetune"):
+            name, params = self.phase_loss(phase)
+            try:
+                check_loss(name, params)
+            except ValueError as error:  # name the phase only where its own override may be the cause
+                raise ValueError(f"{phase}.loss: {error}" if getattr(self, phase).loss else str(error)) from None
+        _check_allocation(self.prune.allocation)
+        _check_augment(self.augment, self.dataset)
+        return self
 
     @property
     def loss_name(self) -> str:
         return self.loss["name"]
 
     def phase_loss(self, phase: str) -> tuple[str, dict[str, Any]]:
-        """The loss's name and parameters in one phase: the experiment's loss with the phase's overrides."""
+        """The loss's name and parameters in one phase: the experiment's loss with the phase's overrides.
+
+        A bound loss trained from scratch at full eps never leaves chance, so pretraining ramps eps (and kappa,
+        beta with it) over its first 40 % of epochs unless the config gives ``ramp_epochs``."""
         params = {**self.loss, **getattr(self, phase).loss}
-        return params.pop("name"), params
+        name = params.pop("name")
+        if phase == "pretrain" and name in BOUND_LOSSES and "ramp_epochs" not in params:
+            params["ramp_epochs"] = round(PRETRAIN_RAMP * self.pretrain.epochs)
+        return name, params
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump(mode="json")
+
+    def training_dict(self) -> dict[str, Any]:
+        """What shapes a trained model: every key but the evaluations, the device and the sweep's lists."""
+        return {key: value for key, value in self.to_dict().items() if key not in NOT_TRAINING}
 
 
-def _build(cls, data: dict[str, Any], where: str):
+def _check_allocation(allocation: str) -> None:
+    from . import masking
+
+    choices = getattr(masking, "ALLOCATIONS", ("layerwise",))
+    if allocation not in choices:
+        raise ValueError(f"prune.allocation: unknown allocation {allocation!r}; choose from {', '.join(choices)}")
+
+
+def _check_augment(names: list[str], dataset: str) -> None:
+    if not names:
+        return
+    try:
+        from .augment import make_augment
+    except ImportError:
+        raise ValueError("augment: this build has no augmentation") from None
+    make_augment(names, dataset)
+
+
+def _renamed(data: Any, where: str) -> Any:
+    """Old key names still load, with a warning: ``methods`` -> ``prune_methods``, ``certify`` -> ``smoothing``,
+    a section's ``methods`` -> ``bound_methods`` and ``max_examples`` -> ``max``."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {', '.join((where + '.' if where else '') + u for u in unknown)}")
-    values = {}
-    for name, value in data.items():
-        nested = _NESTED.get((cls, name))
-        values[name] = _build(nested, value, name) if nested and value is not None else value
-    return cls(**values)
-
-
-_NESTED = {(Config, "pretrain"): PhaseConfig, (Config, "prune"): PhaseConfig, (Config, "finetune"): PhaseConfig,
-           (Config, "verify"): VerifyConfig, (Config, "certify"): SmoothingConfig,
-           (Config, "attack"): AttackConfig}
+        return data
+    data = dict(data)
+    for old, new in _RENAMED.items():
+        if old in data:
+            log.warning("config key %r is now %r (%s)", old, new, where)
+            data[new] = data.pop(old)
+    for section in EVALUATION_SECTIONS:
+        if isinstance(data.get(section), dict):
+            inner = dict(data[section])
+            for old, new in _RENAMED_IN_SECTION.items():
+                if old in inner:
+                    log.warning("config key %s.%s is now %s.%s (%s)", section, old, section, new, where)
+                    inner[new] = inner.pop(old)
+            data[section] = inner
+    if "report_note" in data:
+        log.warning("config key 'report_note' is ignored (%s): results.md now states every setting itself", where)
+        data.pop("report_note")
+    return data
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -140,24 +264,47 @@ def _merge(base: dict, update: dict) -> dict:
         return dict(update)
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merge(merged[key], value) if both else value
     return merged
 
 
 def parse_override(text: str) -> dict[str, Any]:
     """``"prune.epochs=5"`` -> ``{"prune": {"epochs": 5}}``; the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in text:
+    if "=" not in text or not text.split("=", 1)[0].strip():
         raise ConfigError(f"override {text!r} must look like section.key=value")
     dotted, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
     for key in reversed(dotted.strip().split(".")):
         value = {key: value}
     return value
 
 
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {'.'.join(str(part) for part in first['loc'])}"
+    where = ".".join(str(part) for part in first["loc"] if not str(part).startswith("function-"))
+    message = first["msg"].removeprefix("Value error, ")
+    shown = first.get("input")
+    got = f" (got {shown!r})" if not isinstance(shown, (dict, list)) and not message.endswith(repr(shown)) else ""
+    joint = " " if message.startswith("must") else ": "
+    return f"config {where}{joint}{message}{got}" if where else f"config: {message}"
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] | None = None) -> Config:
-    """Defaults, then the YAML file, then each override (nested dicts, later ones win)."""
-    data = Config().to_dict()
+    """Defaults, then the YAML file, then each override (nested dicts, later ones win); validated whole."""
+    data = Config.model_construct().model_dump(mode="json")
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -168,13 +315,11 @@ def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] 
             raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
-        data = _merge(data, loaded)
+        data = _merge(data, _renamed(loaded, str(path)))
     for override in overrides or []:
-        data = _merge(data, override)
-    return _build(Config, data, "")
+        data = _merge(data, _renamed(override, "override"))
+    return validate(data)
 
 
-def save_config(config: Config, path: Path) -> None:
-    from .runs import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+def config_text(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

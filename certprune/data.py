@@ -141,12 +141,19 @@ def _svhn(data_dir: Path | None) -> Dataset:
     return Dataset("svhn", *parts[0], *parts[1], num_classes=10)
 
 
+HOW_TO_GET = {  # certprune never downloads: say where the files come from
+    "mnist": "the four idx files from yann.lecun.com/exdb/mnist (or torchvision.datasets.MNIST(root, download=True))",
+    "cifar10": "cifar-10-python.tar.gz from www.cs.toronto.edu/~kriz/cifar.html, unpacked",
+    "svhn": "train_32x32.mat and test_32x32.mat from ufldl.stanford.edu/housenumbers",
+}
+
+
 def _require_dir(data_dir: Path | None, name: str) -> Path:
     if data_dir is None:
-        raise DatasetNotFound(f"{name} needs --data-dir pointing at its files")
+        raise DatasetNotFound(f"{name} needs --data-dir pointing at {HOW_TO_GET[name]}")
     directory = Path(data_dir)
     if not directory.is_dir():
-        raise DatasetNotFound(f"{name}: data directory {directory} does not exist")
+        raise DatasetNotFound(f"{name}: data directory {directory} does not exist; it should hold {HOW_TO_GET[name]}")
     return directory
 
 

@@ -1,39 +1,62 @@
 """The three HYDRA phases as runs: pretrain -> prune (scores) -> finetune (weights), and the LWM baseline.
 
-Each function trains a model, checkpoints after every epoch (``--resume`` continues from the last one), evaluates
-the final model and leaves a complete run directory (see :mod:`certprune.runs`).
+Each function validates everything it can before it writes a file, takes the run directory's lock, trains with a
+checkpoint after every epoch, and leaves ``model.pt`` and ``metrics.json`` with the run's facts. ``resume`` continues
+the same run: the settings are the run's own, and a request that differs from them is refused in one line. The
+run's evaluations (:mod:`certprune.evaluation`) are a separate step; this module imports no certifier.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
+import logging
+import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import distributed, masking
-from .config import Config, PhaseConfig, save_config
+from .atomic import atomic_write_text
+from .config import Config, PhaseConfig
 from .data import Dataset, load_dataset
 from .devices import model_device, resolve_device
 from .losses import make_loss
-from .runs import (CHECKPOINT_FILE, CONFIG_FILE, FORMAT, METRICS_FILE, MODEL_FILE, RunError, atomic_torch_save,
-                   atomic_write_text, build_model, load_model_file, load_state, read_metrics, resolve_model_path,
-                   safe_load, save_model, write_metrics)
-from .train import fit, make_optimizer, make_scheduler
+from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, build_model, differences, is_finished, load_model_file,
+                   load_state, locked, read_config, read_metrics, resolve_model_path, safe_load, save_checkpoint,
+                   save_model, write_config, write_metrics)
+from .train import fit
 
-METHODS = ("hydra", "lwm")
-Evaluation = Callable[[nn.Module, Config, Dataset, Path], dict[str, Any]]
+PRUNE_METHODS = ("hydra", "lwm")
+IDENTITY_FILE = "run.json"
+log = logging.getLogger("certprune")
+
+
+def make_optimizer(params, phase: PhaseConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if not params:
+        raise ValueError("nothing to train in this phase (no parameter requires grad)")
+    if phase.optimizer == "adam":
+        return torch.optim.Adam(params, lr=phase.lr, weight_decay=phase.weight_decay)
+    return torch.optim.SGD(params, lr=phase.lr, momentum=phase.momentum, weight_decay=phase.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, phase: PhaseConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-epoch learning-rate schedule: cosine to 0 over the phase (HYDRA's choice), or constant."""
+    if phase.schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: 0.5 * (1 + math.cos(math.pi * epoch / max(1, phase.epochs))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
 def load_data(config: Config) -> Dataset:
     """The config's data set, cut to ``train_examples`` training images when that is set."""
     data = load_dataset(config.dataset, config.data_dir)
     if config.train_examples is not None:
-        if config.train_examples <= 0:
-            raise ValueError(f"train_examples must be positive, got {config.train_examples}")
         data.train_x, data.train_y = data.train_x[:config.train_examples], data.train_y[:config.train_examples]
     return data
 
@@ -45,76 +68,31 @@ def data_on(data: Dataset, device: torch.device) -> Dataset:
     return data
 
 
-def _verify(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
-    from .certify.verify import verify  # certifiers load only when a run is evaluated
-
-    if config.verify is None:
-        return {}
-    settings = config.verify
-    eps = settings.eps if settings.eps is not None else config.loss.get("eps", 0.0)
-    x, y = data.test_x, data.test_y
-    if settings.max_examples is not None:
-        x, y = x[:settings.max_examples], y[:settings.max_examples]
-    return verify(model, x, y, eps, settings.methods, settings.batch_size)
+def stored_identity(run_dir: str | Path) -> dict[str, Any]:
+    """What a run directory's ``run.json`` says the run is (command, method, k, source); {} when it has none."""
+    path = Path(run_dir) / IDENTITY_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RunError(f"{path} is not valid JSON") from None
 
 
-# Every evaluation runs on each finished model and adds its figures to metrics.json; each does nothing when its
-# config section is absent. Other certification paths register theirs here.
-EVALUATIONS: list[Evaluation] = [_verify]
-
-
-def _certify_smoothed(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
-    """Randomized-smoothing certification of the test images into run_dir/certify.tsv (resumable)."""
-    if config.certify is None:
-        return {}
-    from .certify.smoothing import certify_run, training_sigmas
-
-    return certify_run(model, data.test_x, data.test_y, run_dir, config.certify, seed=config.seed,
-                       trained_sigmas=training_sigmas(config))
-
-
-EVALUATIONS.append(_certify_smoothed)
-
-
-def _attack(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
-    """PGD evaluation (config.attack): clean_acc, pgd_acc and the attack's settings."""
-    from .certify.empirical import evaluate_attack
-
-    return evaluate_attack(model, config, data, run_dir)
-
-
-EVALUATIONS.append(_attack)
-
-
-def evaluate(model: nn.Module, config: Config, data: Dataset, run_dir: Path) -> dict[str, Any]:
-    model.eval()
-    metrics: dict[str, Any] = {}
-    for evaluation in EVALUATIONS:
-        metrics.update(evaluation(model, config, data, run_dir))
-    if "clean_acc" not in metrics:
-        with torch.no_grad():
-            metrics["clean_acc"] = (model(data.test_x).argmax(1) == data.test_y).float().mean().item()
-    return metrics
-
-
-def is_finished(run_dir: Path) -> bool:
-    """A run that wrote its model and metrics and has no training left (no checkpoint)."""
-    run_dir = Path(run_dir)
-    written = all((run_dir / name).exists() for name in (MODEL_FILE, METRICS_FILE))
-    return written and not (run_dir / CHECKPOINT_FILE).exists()
-
-
-def _prepare_run_dir(run_dir: Path, config: Config, resume: bool) -> dict[str, Any] | None:
-    """Create the run directory; return the checkpoint to resume from (if any). Never overwrites a run."""
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / CHECKPOINT_FILE
-    if not resume and (checkpoint.exists() or (run_dir / MODEL_FILE).exists()):
+def _check_resumable(run_dir: Path, config: Config, identity: dict[str, Any], resume: bool) -> bool:
+    """Whether ``run_dir`` holds this run to continue; refuse another run's directory or other settings."""
+    started = (run_dir / CHECKPOINT_FILE).exists() or (run_dir / MODEL_FILE).exists()
+    if not started:
+        return False
+    if not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    if distributed.is_main():  # under torchrun only rank 0 writes the run directory
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / CONFIG_FILE)
-    distributed.barrier()
-    return safe_load(checkpoint) if resume and checkpoint.exists() else None
+    saved = read_config(run_dir)
+    stored = stored_identity(run_dir)
+    if saved is None or not stored:
+        raise RunError(f"{run_dir} has no config.yaml or {IDENTITY_FILE} to resume from")
+    changed = differences(stored, identity) + differences(saved.training_dict(), config.training_dict())
+    if changed:
+        raise RunError(f"{run_dir} was made with other settings ({'; '.join(changed[:3])}"
+                       f"{'; ...' if len(changed) > 3 else ''}); resume with the run's own settings")
+    return True
 
 
 def _history_csv(history: list[dict[str, Any]]) -> str:
@@ -129,11 +107,11 @@ def _history_csv(history: list[dict[str, Any]]) -> str:
 def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config: Config, data: Dataset,
                  run_dir: Path, checkpoint: dict[str, Any] | None, architecture: dict[str, Any]) -> dict[str, Any]:
     """Run ``phases`` in order on ``model``, checkpointing after every epoch; resume from ``checkpoint``."""
-    run_dir = Path(run_dir)
     completed: list[str] = []
     history: list[dict[str, Any]] = []
     seconds = 0.0
     device = model_device(model)
+    augment = _augment(config)
     if checkpoint is not None:
         load_state(model, checkpoint["model"], run_dir / CHECKPOINT_FILE)
         completed, history, seconds = list(checkpoint["completed"]), list(checkpoint["history"]), checkpoint["seconds"]
@@ -158,62 +136,85 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
                 torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
             start_epoch = checkpoint["epoch"] + 1
 
-        def save_checkpoint(epoch: int, means: dict[str, float], tag=tag, optimizer=optimizer,
-                            scheduler=scheduler, generator=generator, settings=settings) -> None:
+        def on_epoch_end(epoch: int, means: dict[str, float], tag=tag, optimizer=optimizer,
+                         scheduler=scheduler, generator=generator, settings=settings, phase=phase) -> None:
             history.append({"phase": phase, "epoch": epoch + 1, **means})
             if not distributed.is_main():
                 return
             done = completed + [tag] if epoch + 1 == settings.epochs else completed
             cuda_rng = {"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-            atomic_torch_save({
-                "format": FORMAT, "architecture": architecture, "completed": done, "phase": tag, "epoch": epoch,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "rng": torch.get_rng_state(), "history": history,
-                "seconds": seconds + time.perf_counter() - started, **cuda_rng,
-            }, run_dir / CHECKPOINT_FILE)
+            save_checkpoint(run_dir / CHECKPOINT_FILE, architecture, completed=done, phase=tag, epoch=epoch,
+                            model=model.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), generator=generator.get_state(),
+                            rng=torch.get_rng_state(), history=history,
+                            seconds=seconds + time.perf_counter() - started, **cuda_rng)
             atomic_write_text(run_dir / "history.csv", _history_csv(history))
 
         fit(distributed.wrap(model), loss, optimizer, data.train_x, data.train_y, settings.epochs, config.batch_size,
-            scheduler=scheduler, generator=generator, start_epoch=start_epoch, on_epoch_end=save_checkpoint,
-            desc=phase)
+            scheduler=scheduler, generator=generator, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
+            desc=f"{run_dir.name}: {phase}", augment=augment)
         completed.append(tag)
     return {"train_seconds": seconds + time.perf_counter() - started}
 
 
-def _finish(model: nn.Module, config: Config, data: Dataset, run_dir: Path, architecture: dict[str, Any],
+def _augment(config: Config):
+    if not config.augment:
+        return None
+    from .augment import make_augment
+
+    return make_augment(config.augment, config.dataset)
+
+
+def _start_run(run_dir: Path, config: Config, identity: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """Write a new run's config and identity once (never on resume); return the checkpoint to resume from."""
+    resuming = _check_resumable(run_dir, config, identity, resume)
+    if distributed.is_main() and not resuming:
+        write_config(run_dir, config)
+        atomic_write_text(run_dir / IDENTITY_FILE, json.dumps(identity, indent=2) + "\n")
+    distributed.barrier()
+    checkpoint = run_dir / CHECKPOINT_FILE
+    return safe_load(checkpoint) if resuming and checkpoint.exists() else None
+
+
+def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[str, Any],
             facts: dict[str, Any]) -> dict[str, Any]:
-    """Save and evaluate the final model; ``seconds`` is training (over every resumed session) plus evaluation."""
-    started = time.perf_counter()
+    """Save the final model and the run's facts; the checkpoint goes once both are written."""
+    metrics = {**facts, "sparsity": masking.sparsity(model), "dataset": config.dataset, "model": architecture["name"],
+               "loss": config.loss_name, "seed": config.seed, "seconds": facts.pop("train_seconds", 0.0)}
     if distributed.is_main():
         save_model(model, run_dir / MODEL_FILE, architecture)
-    distributed.barrier()
-    final, _ = load_model_file(run_dir / MODEL_FILE)  # evaluate exactly what was saved (each rank its share)
-    final = final.to(model_device(model))
-    metrics = {**facts, **evaluate(final, config, data, run_dir), "sparsity": masking.sparsity(final),
-               "dataset": config.dataset, "model": architecture["name"], "loss": config.loss_name,
-               "seed": config.seed}
-    metrics["seconds"] = metrics.pop("train_seconds", 0.0) + time.perf_counter() - started
-    if distributed.is_main():
         write_metrics(run_dir, metrics)
         (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     distributed.barrier()
     return metrics
 
 
-def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
-    """Train the dense model (phase ``pretrain``) and evaluate it."""
+def _run(run_dir: Path, config: Config, identity: dict[str, Any], resume: bool, build) -> dict[str, Any]:
+    """The shared shape of a phase run: validate, lock, start or resume, train, finish."""
     run_dir = Path(run_dir)
     if resume and is_finished(run_dir):
+        _check_resumable(run_dir, config, identity, resume)
         return read_metrics(run_dir)
-    device = resolve_device(config.device)
-    checkpoint = _prepare_run_dir(run_dir, config, resume)
-    data = data_on(data or load_data(config), device)
-    torch.manual_seed(config.seed)
-    architecture = {"name": config.model, "kwargs": data.shape()}
-    model = build_model(architecture).to(device)
-    facts = train_phases(model, [("pretrain", config.pretrain)], config, data, run_dir, checkpoint, architecture)
-    return _finish(model, config, data, run_dir, architecture, {**facts, "method": "dense", "k": 1.0})
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file")
+    model, architecture, data, phases, facts = build()  # loads and checks everything before a file is written
+    with locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
+        checkpoint = _start_run(run_dir, config, identity, resume)
+        facts.update(train_phases(model, phases, config, data, run_dir, checkpoint, architecture))
+        return _finish(model, config, run_dir, architecture, facts)
+
+
+def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
+    """Train the dense model (phase ``pretrain``)."""
+    def build():
+        device = resolve_device(config.device)
+        loaded = data_on(data or load_data(config), device)
+        torch.manual_seed(config.seed)
+        architecture = {"name": config.model, "kwargs": loaded.shape()}
+        model = build_model(architecture).to(device)
+        return model, architecture, loaded, [("pretrain", config.pretrain)], {"method": "dense", "k": 1.0}
+
+    return _run(Path(run_dir), config, {"command": "pretrain"}, resume, build)
 
 
 def prune(config: Config, run_dir: str | Path, k: float, method: str, source: str | Path, resume: bool = False,
@@ -225,25 +226,29 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
     epochs, so that both methods get the same budget.
     """
     k = masking.check_k(k)
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
-    if resume and is_finished(run_dir):
-        return read_metrics(run_dir)
-    device = resolve_device(config.device)
-    model, architecture = load_model_file(resolve_model_path(source))
-    model = model.to(device)
-    data = data_on(data or load_data(config), device)
-    if architecture["kwargs"] != data.shape():
-        raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, but {config.dataset} has {data.shape()}")
-    run_dir = Path(run_dir)
-    checkpoint = _prepare_run_dir(run_dir, config, resume)
-    torch.manual_seed(config.seed)
-    masking.apply_masks(model, k, init="scaled" if method == "hydra" else "magnitude")
-    if method == "hydra":
-        phases = [("prune", config.prune), ("finetune", config.finetune)]
-    else:
-        total = config.prune.epochs + config.finetune.epochs
-        phases = [("finetune", PhaseConfig(**{**config.finetune.__dict__, "epochs": total}))]
-    facts = train_phases(model, phases, config, data, run_dir, checkpoint, architecture)
-    facts.update(method=method, k=k, source=str(source))
-    return _finish(model, config, data, run_dir, architecture, facts)
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNE_METHODS)}")
+    identity = {"command": "prune", "method": method, "k": k, "source": str(source)}
+
+    def build():
+        device = resolve_device(config.device)
+        model, architecture = load_model_file(resolve_model_path(source))
+        if architecture["name"] != config.model:
+            raise RunError(f"{source} holds a {architecture['name']} model, but the config asks for {config.model}")
+        loaded = data_on(data or load_data(config), device)
+        if architecture["kwargs"] != loaded.shape():
+            raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, "
+                           f"but {config.dataset} has {loaded.shape()}")
+        model = model.to(device)
+        torch.manual_seed(config.seed)
+        init = "scaled" if method == "hydra" else "magnitude"
+        masking.apply_masks(model, k, init=init, allocation=config.prune.allocation)
+        if method == "hydra":
+            phases = [("prune", config.prune), ("finetune", config.finetune)]
+        else:
+            total = config.prune.epochs + config.finetune.epochs
+            phases = [("finetune", config.finetune.model_copy(update={"epochs": total}))]
+        facts = {"method": method, "k": k, "source": str(source), "allocation": config.prune.allocation}
+        return model, architecture, loaded, phases, facts
+
+    return _run(Path(run_dir), config, identity, resume, build)

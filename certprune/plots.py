@@ -21,21 +21,28 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
+def is_fraction(metric: str) -> bool:
+    """Accuracies and rates are fractions shown in %; anything else (seconds, radii, ACR) is shown as it is."""
+    return metric.endswith("_acc") or "_acc_" in metric or metric.endswith("_rate")
+
+
 def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label: str | None = None,
                      title: str | None = None) -> Path:
     """``rows`` are runs' metrics (method, sparsity and ``metric``); dense is drawn as a horizontal reference."""
     label = label or metric.replace("_", " ")
+    scale, unit = (100, " (%)") if is_fraction(metric) else (1, "")
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in ("hydra", "lwm"):
-        points = sorted((r["sparsity"], r[metric]) for r in rows if r.get("method") == method and metric in r)
+        points = sorted((r["sparsity"], r[metric]) for r in rows
+                        if r.get("method") == method and r.get(metric) is not None)
         if points:
-            axis.plot([100 * s for s, _ in points], [100 * v for _, v in points], "o-", color=COLORS[method],
+            axis.plot([100 * s for s, _ in points], [scale * v for _, v in points], "o-", color=COLORS[method],
                       label=method.upper())
     for row in rows:
-        if row.get("method") == "dense" and metric in row:
-            axis.axhline(100 * row[metric], color=COLORS["dense"], linestyle="--", label="dense")
+        if row.get("method") == "dense" and row.get(metric) is not None:
+            axis.axhline(scale * row[metric], color=COLORS["dense"], linestyle="--", label="dense")
     axis.set_xlabel("sparsity (% of prunable weights removed)")
-    axis.set_ylabel(f"{label} (%)")
+    axis.set_ylabel(f"{label}{unit}")
     axis.set_title(title or f"{label} against sparsity")
     axis.grid(alpha=0.3)
     axis.legend()

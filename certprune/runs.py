@@ -1,56 +1,114 @@
-"""Run directories: the files a run leaves behind, written atomically, and read back safely.
+"""Run directories: the files a run leaves behind, written atomically, read back safely, one writer at a time.
 
 A run directory holds ``model.pt`` (the final plain model: pruned weights exactly 0), ``config.yaml`` (the resolved
-configuration), ``metrics.json`` and, while training, ``checkpoint.pt`` (everything needed to resume). Every file
-is written to a temporary name and renamed, so an interrupted run never leaves a half-written file; every
-checkpoint is loaded with ``torch.load(..., weights_only=True)``.
+configuration, written once when the run starts), ``metrics.json`` and, while training, ``checkpoint.pt``
+(everything needed to resume). ``metrics.json`` holds the run's facts (method, k, sparsity, seed, seconds) and an
+``evaluations`` mapping: each record says which test images and which settings its figures cover, so a figure of
+one setting never replaces another's. Every checkpoint is loaded with ``torch.load(..., weights_only=True)``.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import yaml
 from torch import nn
 
 from . import masking
+from .atomic import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from .config import Config, ConfigError, config_text, load_config
 from .models import create_model
 
 FORMAT = "certprune/1"
 MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE = "model.pt", "checkpoint.pt", "metrics.json", "config.yaml"
+LOCK_FILE = ".lock"
 
 
 class RunError(RuntimeError):
     """A run directory or checkpoint cannot be used; the message says why in one line."""
 
 
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# ---- one writer per run directory ------------------------------------------------------------------------------
+
+
+def _open_lock(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path, create: bool = True) -> Iterator[Path]:
+    """Hold ``run_dir``'s lock while writing into it; a second process is refused in one line naming the first.
+
+    Taking the lock is also the first write, so an unwritable directory fails here, before any work."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file, not a run directory")
     try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        if create:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        handle = _open_lock(run_dir / LOCK_FILE)
+    except OSError as error:
+        raise RunError(f"cannot write into {run_dir}: {error.strerror}") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise RunError(f"{run_dir} is in use by another certprune process (pid {holder}); "
+                           "wait for it to finish") from None
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, str(os.getpid()).encode(), 0)
+        remove_stale_temporaries(run_dir)
+        yield run_dir
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda stream: stream.write(text.encode()))
+def check_writable(run_dir: Path) -> None:
+    """Fail before any work when the run's files could not be written afterwards."""
+    for name in (METRICS_FILE, CONFIG_FILE):
+        path = Path(run_dir) / name
+        if path.exists() and not os.access(path, os.W_OK):
+            raise RunError(f"cannot write {path}: permission denied")
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda stream: torch.save(obj, stream))
+# ---- config and metrics ----------------------------------------------------------------------------------------
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, config_text(config))
+
+
+def read_config(run_dir: str | Path) -> Config | None:
+    """The config a run was made with, or None when the directory has none (a bare model file)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        raise RunError(f"{path} cannot be read: {error}") from None
+
+
+def _finite(value: Any, path: str = "") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"metric {path} is {value}, which JSON cannot hold")
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _finite(inner, f"{path}.{key}" if path else str(key))
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    _finite(metrics)
     atomic_write_text(Path(run_dir) / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
@@ -59,36 +117,56 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise RunError(f"{path} is not valid JSON ({error.msg})") from None
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunError(f"{path} is not valid JSON ({getattr(error, 'msg', error)}); move it away to rebuild it") from None
+    if not isinstance(metrics, dict):
+        raise RunError(f"{path} does not hold a JSON object; move it away to rebuild it")
+    return metrics
 
 
-def update_metrics(run_dir: Path, **values: Any) -> dict[str, Any]:
-    metrics = {**read_metrics(run_dir), **values}
+def record_evaluation(run_dir: Path, key: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Store one evaluation's record under ``key`` (a rerun of the same evaluation replaces its own record only)."""
+    metrics = read_metrics(run_dir)
+    metrics.setdefault("evaluations", {})[key] = record
     write_metrics(run_dir, metrics)
     return metrics
 
 
+def evaluation(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    """A run's record ``key`` (``verify``, ``attack``, ``smoothing``: the ones its config asked for), or {}."""
+    return metrics.get("evaluations", {}).get(key, {})
+
+
+# ---- checkpoints and models ------------------------------------------------------------------------------------
+
+
 def safe_load(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one-line errors for missing, corrupt or foreign files."""
+    """``torch.load(weights_only=True)`` with one-line errors for missing, corrupt, foreign or unsafe files."""
     path = Path(path)
     if not path.is_file():
         raise RunError(f"checkpoint {path} does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise RunError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
+    except Exception as error:  # torch raises many types for a damaged or unsafe file
+        unsafe = "weights_only" in str(error) or "Unsupported global" in str(error)
+        reason = ("it holds Python objects beyond tensors, which certprune never loads (it is not a certprune "
+                  "checkpoint, or not a safe one)" if unsafe else "it is damaged or not a checkpoint at all")
+        raise RunError(f"cannot read {path}: {reason}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise RunError(f"{path} is not a certprune checkpoint (no '{FORMAT}' format tag)")
     return data
+
+
+def save_checkpoint(path: Path, architecture: dict[str, Any], **state: Any) -> None:
+    atomic_torch_save({"format": FORMAT, "architecture": architecture, **state}, path)
 
 
 def save_model(model: nn.Module, path: Path, architecture: dict[str, Any]) -> None:
     """Save the plain model (masks baked in, pruned weights exactly 0) with what is needed to rebuild it."""
     dense = masking.dense_copy(model)
     state = {name: tensor.detach().cpu() for name, tensor in dense.state_dict().items()}
-    atomic_torch_save({"format": FORMAT, "architecture": architecture, "state_dict": state}, path)
+    save_checkpoint(path, architecture, state_dict=state)
 
 
 def build_model(architecture: dict[str, Any]) -> nn.Module:
@@ -99,8 +177,9 @@ def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Pa
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise RunError(f"{source} does not fit this architecture: {first}") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
+        raise RunError(f"{source} does not fit this architecture ({detail.rstrip('.')})") from None
 
 
 def load_model_file(path: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -122,28 +201,29 @@ def resolve_model_path(path: str | Path) -> Path:
     return path
 
 
-def load_run_config(run_dir: str | Path):
-    """The resolved config a run was made with (``config.yaml``); the defaults for a bare model file without one."""
-    from .config import load_config
-
-    path = Path(run_dir) / CONFIG_FILE
-    return load_config(path if path.exists() else None)
-
-
-def load_saved_run(source: str | Path, device: str | torch.device = "cpu", max_examples: int | None = None):
-    """What evaluating a finished run needs: its model path, its config, its model and its data set's test images
-    and labels (the first ``max_examples`` of them when given), model and images on ``device``."""
-    from .data import load_dataset
-
-    model_path = resolve_model_path(source)
-    config = load_run_config(model_path.parent)
-    data = load_dataset(config.dataset, config.data_dir)
-    x, y = (data.test_x[:max_examples], data.test_y[:max_examples]) if max_examples else (data.test_x, data.test_y)
-    return model_path, config, load_run(model_path).to(device), x.to(device), y.to(device)
-
-
 def load_run(path: str | Path) -> nn.Module:
     """The model of a finished run (a directory or its ``model.pt``): a plain ``nn.Module`` in eval mode that maps
     images in [0, 1] to logits, its pruned weights exactly 0."""
     model, _ = load_model_file(resolve_model_path(path))
     return model
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run that wrote its model and metrics and has no training left (no checkpoint)."""
+    run_dir = Path(run_dir)
+    written = all((run_dir / name).exists() for name in (MODEL_FILE, METRICS_FILE))
+    return written and not (run_dir / CHECKPOINT_FILE).exists()
+
+
+def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key saved -> wanted`` for every leaf where two nested settings differ (for one-line refusals)."""
+    changes = []
+    for key in sorted(set(saved) | set(wanted), key=str):
+        old, new = saved.get(key), wanted.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += differences(old, new, name + ".")
+        elif old != new:
+            changes.append(f"{name} {yaml.safe_dump(old, default_flow_style=True).strip().removesuffix('...').strip()}"
+                           f" -> {yaml.safe_dump(new, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return changes

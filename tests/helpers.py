@@ -1,4 +1,7 @@
-"""Tiny configurations that run the real pipeline in seconds."""
+"""Tiny configurations that run the real pipeline in seconds, and the command line as a user meets it."""
+from click.testing import CliRunner
+
+from certprune.cli import main
 from certprune.config import load_config
 
 TINY = {
@@ -10,7 +13,7 @@ TINY = {
     "prune": {"epochs": 1, "lr": 0.001},
     "finetune": {"epochs": 1, "lr": 0.001},
     "k": [0.1],
-    "verify": {"max_examples": 64, "methods": ["IBP", "CROWN-IBP"]},
+    "verify": {"max": 64, "bound_methods": ["IBP", "CROWN-IBP"]},
 }
 
 
@@ -33,3 +36,18 @@ def interrupt_certify_after(monkeypatch, images):
 
     monkeypatch.setattr(Smooth, "certify", interrupted)
     return calls
+
+
+def run(*args):
+    """``certprune ARGS`` in-process; ``result.output`` holds stdout and stderr, ``result.stdout`` stdout alone."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    """A handled failure: exit status 1 through click (an uncaught exception would leave another exception on the
+    result), and exactly one line of output, ``Error: ...`` containing ``fragment``."""
+    assert result.exit_code == 1, result.output
+    assert type(result.exception) is SystemExit, repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert fragment in lines[0], lines[0]

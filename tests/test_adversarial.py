@@ -8,14 +8,16 @@ from torch import nn
 
 from certprune import masking
 from certprune.attacks import parse_eps
-from certprune.certify.empirical import make_attack
+from certprune.certify.attack import make_attack
 from certprune.config import load_config
 from certprune.data import Dataset
+from certprune.evaluation import evaluate_configured, resolve_settings
 from certprune.losses import LOSSES, make_loss
-from certprune.losses_adversarial import PGDAdversarialLoss, TradesLoss
+from certprune.losses.adversarial import PGDAdversarialLoss, TradesLoss
 from certprune.models import MODELS, create_model
 from certprune.pipeline import pretrain, prune
 from certprune.runs import read_metrics
+from helpers import assert_one_line_error
 
 BN_MODELS = ["vgg16-bn", "wrn-28-4", "resnet-18"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,11 +135,14 @@ def test_pipeline_trains_prunes_and_attacks_under_pgd(tmp_path):
         "attack": {"eps": "1/10", "steps": 5, "restarts": 2}, "batch_size": 64,
         "pretrain": {"epochs": 3, "lr": 0.01}, "prune": {"epochs": 1}, "finetune": {"epochs": 1}}])
     data = tiny_data()
-    dense = pretrain(config, tmp_path / "dense", data=data)
+    pretrain(config, tmp_path / "dense", data=data)
+    dense = evaluate_configured(tmp_path / "dense", config, data=data)["attack"]
     assert dense["pgd_acc"] <= dense["clean_acc"] and dense["pgd_acc"] > 0.9
     assert dense["attack"]["eps"] == 0.1 and dense["attack"]["restarts"] == 2
+    assert dense["images"]["count"] == len(data.test_x) and dense["settings"]["eps"] == 0.1
     pruned = prune(config, tmp_path / "hydra", 0.1, "hydra", tmp_path / "dense", data=data)
-    assert read_metrics(tmp_path / "hydra")["pgd_acc"] == pruned["pgd_acc"]
+    attacked = evaluate_configured(tmp_path / "hydra", config, data=data)["attack"]
+    assert read_metrics(tmp_path / "hydra")["evaluations"]["attack"] == attacked
     assert pruned["sparsity"] >= 0.89
 
 
@@ -149,7 +154,7 @@ def test_shipped_adversarial_configs_build_their_losses_and_attacks(path):
     for phase in ("pretrain", "prune", "finetune"):
         name, params = config.phase_loss(phase)
         assert isinstance(make_loss(name, **params), (PGDAdversarialLoss, TradesLoss))
-    attack = make_attack(config.attack, config.loss["eps"])
+    attack = make_attack(resolve_settings(config, "attack"))
     assert attack.eps == parse_eps(config.loss["eps"]) > 0
     assert config.model in MODELS and config.report_metric == "pgd_acc"
 
@@ -163,5 +168,5 @@ def test_a_loss_without_its_required_eps_is_a_one_line_error(tmp_path):
         make_loss("pgd")
     result = CliRunner().invoke(main, ["pretrain", "--loss", "trades", "--out", str(tmp_path / "run"),
                                        "--set", "pretrain.epochs=1"])
-    assert result.exit_code == 1 and result.output.strip().splitlines() == [
-        "Error: loss 'trades' needs eps (e.g. --set loss.eps=...)"]
+    assert_one_line_error(result, "loss 'trades' needs eps (e.g. --set loss.eps=...)")
+    assert not (tmp_path / "run").exists()

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from certprune.attacks import PGD, margin_objective, parse_eps
-from certprune.certify.empirical import attack_accuracy
+from certprune.certify.attack import attack_accuracy
 
 
 def linear_two_class(dim: int) -> nn.Sequential:

@@ -4,25 +4,13 @@ import json
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
-from certprune.cli import main
 from certprune.models import create_model
 from certprune.runs import FORMAT
 from helpers import TINY
 
 
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert fragment in lines[0], lines[0]
+from helpers import assert_one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +37,18 @@ def test_sweep_again_reuses_finished_runs(sweep_dir):
     assert (sweep_dir / "hydra-k0.1" / "model.pt").stat().st_mtime_ns == before
 
 
-def test_verify_updates_the_runs_metrics(sweep_dir):
+def test_verify_on_a_subset_records_beside_the_runs_own_figures_never_over_them(sweep_dir):
+    path = sweep_dir / "hydra-k0.1" / "metrics.json"
+    own = json.loads(path.read_text())["evaluations"]["verify"]
     result = run("verify", "--from", sweep_dir / "hydra-k0.1", "--eps", 0.01, "--method", "ibp", "--max", 32)
     assert result.exit_code == 0, result.output
-    metrics = json.loads((sweep_dir / "hydra-k0.1" / "metrics.json").read_text())
-    assert metrics["eps"] == 0.01 and metrics["verified_examples"] == 32
-    assert metrics["verified_acc"] <= metrics["clean_acc"]
+    evaluations = json.loads(path.read_text())["evaluations"]
+    assert evaluations["verify"] == own  # the run's own record (64 images, eps 0.05) is untouched
+    subset = evaluations["verify[max=32, eps=0.01, bound_methods=IBP]"]
+    assert subset["images"]["count"] == 32 and subset["settings"]["eps"] == 0.01
+    assert subset["verified_acc"] <= subset["clean_acc"]
+    table = (sweep_dir / "results.md").read_text()
+    assert "64 of 1500 test images" in table and "eps 0.05" in table
 
 
 def test_plot_draws_a_png(sweep_dir, tmp_path):
@@ -70,13 +64,14 @@ def test_prune_one_liner_with_from(sweep_dir, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == "hydra" and metrics["k"] == 0.05 and metrics["sparsity"] > 0.94
+    assert metrics["evaluations"]["verify"]["images"]["count"] == 16
 
 
 @pytest.mark.parametrize("k", ["0", "1.5", "-0.1", "nan", "abc"])
-def test_bad_k(sweep_dir, k):
-    result = run("prune", "--k", k, "--from", sweep_dir / "dense")
-    assert result.exit_code != 0 and "Traceback" not in result.output
-    assert "k" in result.output.splitlines()[-1]
+def test_bad_k(sweep_dir, tmp_path, k):
+    result = run("prune", "--k", k, "--from", sweep_dir / "dense", "--out", tmp_path / "run")
+    assert_one_line_error(result, "k must be")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_from(tmp_path):
@@ -85,7 +80,7 @@ def test_missing_from(tmp_path):
 
 def test_corrupted_checkpoint(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint at all")
-    assert_one_line_error(run("prune", "--k", 0.1, "--from", tmp_path), "cannot read checkpoint")
+    assert_one_line_error(run("prune", "--k", 0.1, "--from", tmp_path), "damaged or not a checkpoint")
 
 
 def test_foreign_checkpoint(tmp_path):

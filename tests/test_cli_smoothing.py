@@ -3,13 +3,11 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from certprune.cli import main
-from certprune.config import load_config, save_config
+from certprune.config import load_config
 from certprune.models import create_model
-from certprune.runs import save_model
-from helpers import interrupt_certify_after
+from certprune.runs import save_model, write_config
+from helpers import assert_one_line_error, interrupt_certify_after, run
 
 
 @pytest.fixture
@@ -19,20 +17,13 @@ def run_dir(tmp_path):
     architecture = {"name": "cnn-small", "kwargs": {"in_channels": 1, "image_size": 28, "num_classes": 10}}
     torch.manual_seed(0)
     save_model(create_model("cnn-small"), run_dir / "model.pt", architecture)
-    save_config(load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "verify": None}]),
+    write_config(load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "verify": None}]),
                 run_dir / "config.yaml")
     return run_dir
 
 
 def certify(*args):
-    return CliRunner().invoke(main, ["certify", *map(str, args)])
-
-
-def assert_one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error:") and fragment in lines[0], result.output
+    return run("certify", *args)
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -46,7 +37,7 @@ def assert_one_line_error(result, fragment):
     (["--alpha", "1.5"], "alpha must be"),
     (["--skip", "0"], "skip must be"),
     (["--max", "0"], "max must be"),
-    (["--precision", "fp16"], "precision must be one of fp32, bf16"),
+    (["--precision", "fp16"], "smoothing.precision: Input should be 'fp32' or 'bf16'"),
 ])
 def test_bad_parameters_give_a_one_line_error(run_dir, flags, fragment):
     assert_one_line_error(certify("--from", run_dir, *flags), fragment)
@@ -57,7 +48,7 @@ def test_an_unreadable_run_gives_a_one_line_error(tmp_path):
     assert_one_line_error(certify("--from", tmp_path / "missing"), "no trained model")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.pt").write_bytes(b"not a checkpoint")
-    assert_one_line_error(certify("--from", tmp_path / "broken", "--sigma", "0.25"), "cannot read checkpoint")
+    assert_one_line_error(certify("--from", tmp_path / "broken", "--sigma", "0.25"), "damaged or not a checkpoint")
 
 
 def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruption(run_dir, monkeypatch):
@@ -71,7 +62,10 @@ def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruptio
                           "precision fp32 -> bf16")
     rows = (run_dir / "certify.tsv").read_text().splitlines()[1:]
     assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    records = json.loads((run_dir / "metrics.json").read_text())["evaluations"]
+    assert list(records) == ["smoothing[max=4, n0=10, n=50]"]  # the run's config has no smoothing section
+    metrics = records["smoothing[max=4, n0=10, n=50]"]
+    assert metrics["images"]["count"] == 4 and metrics["settings"]["sigma"] == 0.25
     assert metrics["sigma"] == 0.25 and metrics["n"] == 50 and metrics["alpha"] == 0.001
     assert metrics["precision"] == "fp32" and metrics["seconds_per_image"] > 0
     assert set(metrics["certified_acc"]) == {"0", "0.25", "0.5", "0.75", "1"}

@@ -34,8 +34,18 @@ def test_naming_another_loss_replaces_the_loss_parameters():
 
 def test_phase_loss_merges_the_phase_overrides():
     config = load_config(None, [{"pretrain": {"loss": {"ramp_epochs": 4}}}])
-    assert config.phase_loss("pretrain") == ("crown-ibp", {"eps": 0.1, "ramp_epochs": 4})
-    assert config.phase_loss("prune") == ("crown-ibp", {"eps": 0.1})
+    schedule = {"kappa_start": 1.0, "kappa_end": 0.0, "beta_start": 1.0, "beta_end": 0.0}
+    assert config.phase_loss("pretrain") == ("crown-ibp", {"eps": 0.1, **schedule, "ramp_epochs": 4})
+    assert config.phase_loss("prune") == ("crown-ibp", {"eps": 0.1, **schedule})
+
+
+def test_a_bound_loss_pretrains_with_an_eps_ramp_unless_told_otherwise():
+    """Without a ramp, IBP at full eps from random weights never leaves chance (the bare headline command did)."""
+    assert load_config().phase_loss("pretrain")[1]["ramp_epochs"] == 8  # 40 % of the default 20 epochs
+    assert load_config(None, [{"pretrain": {"epochs": 5}}]).phase_loss("pretrain")[1]["ramp_epochs"] == 2
+    assert load_config(None, [{"pretrain": {"loss": {"ramp_epochs": 0}}}]).phase_loss("pretrain")[1]["ramp_epochs"] == 0
+    assert "ramp_epochs" not in load_config(None, [{"loss": {"name": "pgd", "eps": 0.1}}]).phase_loss("pretrain")[1]
+    assert "ramp_epochs" not in load_config().phase_loss("prune")[1]  # the pruned model starts robust
 
 
 def test_unknown_keys_and_bad_files_are_errors(tmp_path):
@@ -77,7 +87,7 @@ def test_missing_data_says_where_it_looked(tmp_path):
         load_dataset("mnist", tmp_path)
     with pytest.raises(DatasetNotFound, match="does not exist"):
         load_dataset("fashion-mnist", tmp_path / "nowhere")
-    with pytest.raises(DatasetNotFound, match="needs --data-dir"):
+    with pytest.raises(DatasetNotFound, match="needs --data-dir pointing at cifar-10-python.tar.gz from"):
         load_dataset("cifar10")
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")

@@ -14,22 +14,20 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from click.testing import CliRunner
 
 from certprune import distributed, masking
 from certprune.attacks import PGD
-from certprune.certify.empirical import attack_examples
-from certprune.certify.smoothing import TSV_FILE, certify_run
+from certprune.certify.attack import attack_examples
+from certprune.certify.smoothing_run import TSV_FILE, certify_run
 from certprune.certify.verify import verify_examples
-from certprune.cli import main
 from certprune.config import SmoothingConfig
 from certprune.devices import resolve_device
 from certprune.pipeline import load_data, pretrain, train_phases
 from certprune.runs import load_model_file
-from helpers import TINY, tiny_config
+from helpers import TINY, assert_one_line_error, run, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
-CONFIG = {**TINY, "pretrain": {"epochs": 1, "lr": 0.002}, "verify": {"max_examples": 32, "methods": ["IBP"]}}
+CONFIG = {**TINY, "pretrain": {"epochs": 1, "lr": 0.002}, "verify": {"max": 32, "bound_methods": ["IBP"]}}
 IMAGES = 40  # test images for the sharded evaluations: 5 batches of 8, so the two ranks get unequal shares
 
 
@@ -135,12 +133,13 @@ def test_torchrun_prune_writes_one_run_directory(results, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny.yaml"]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml", "history.csv", "metrics.json",
-                                                                    "model.pt"]
-    assert done.stdout.count("prune epoch 1/1") == 1 and done.stdout.count("{\n") == 1  # rank 0 alone prints
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "config.yaml", "history.csv",
+                                                                    "metrics.json", "model.pt", "run.json"]
+    assert done.stderr.count("prune epoch 1/1") == 1 and done.stdout.count("{\n") == 1  # rank 0 alone prints
     printed = json.loads(done.stdout[done.stdout.index("{\n"):])
     assert printed == json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert printed["method"] == "hydra" and printed["sparsity"] > 0.89 and printed["verified_examples"] == 32
+    assert printed["method"] == "hydra" and printed["sparsity"] > 0.89
+    assert printed["evaluations"]["verify"]["images"]["count"] == 32
 
 
 def test_device_resolution():
@@ -163,8 +162,6 @@ def test_device_resolution():
                                      ["verify", "--from", "{tmp}"], ["certify", "--from", "{tmp}"],
                                      ["evaluate", "--from", "{tmp}"], ["sweep", "--out", "{tmp}/sweep"]])
 def test_device_cuda_without_a_gpu_is_a_one_line_error(command, tmp_path):
-    result = CliRunner().invoke(main, [part.format(tmp=tmp_path) for part in command] + ["--device", "cuda"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: device cuda requested but"), result.output
+    result = run(*[part.format(tmp=tmp_path) for part in command], "--device", "cuda")
+    assert_one_line_error(result, "device cuda requested but")
     assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()

@@ -4,26 +4,31 @@ import json
 import pytest
 import torch
 
-from certprune import load_run, masking, pipeline, runs
-from certprune.runs import CHECKPOINT_FILE, FORMAT, RunError, atomic_write_text, safe_load
+from certprune import atomic, load_run, masking, pipeline
+from certprune.atomic import atomic_write_text
+from certprune.evaluation import evaluate_configured
+from certprune.runs import CHECKPOINT_FILE, FORMAT, RunError, safe_load
 from helpers import tiny_config
 
-REQUIRED_METRICS = {"method", "k", "sparsity", "clean_acc", "verified_acc", "verify_method", "eps", "dataset",
-                    "model", "seconds"}
+RUN_FACTS = {"method", "k", "sparsity", "dataset", "model", "loss", "seed", "seconds"}
 
 
 @pytest.fixture(scope="module")
 def dense_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "dense"
     pipeline.pretrain(tiny_config(), run_dir)
+    evaluate_configured(run_dir, tiny_config())
     return run_dir
 
 
-def test_pretrain_writes_a_complete_run(dense_run):
+def test_pretrain_writes_a_complete_run_and_evaluation_records_what_it_covers(dense_run):
     metrics = json.loads((dense_run / "metrics.json").read_text())
-    assert REQUIRED_METRICS <= set(metrics)
+    assert RUN_FACTS <= set(metrics)
     assert metrics["method"] == "dense" and metrics["k"] == 1.0 and metrics["sparsity"] == 0.0
-    assert metrics["verified_acc"] <= metrics["clean_acc"]
+    record = metrics["evaluations"]["verify"]
+    assert record["verified_acc"] <= record["clean_acc"]
+    assert record["images"] == {"set": "test", "count": 64, "of": 1500, "skip": 1, "first": 0, "last": 63}
+    assert record["settings"]["eps"] == 0.05 and record["settings"]["bound_methods"] == ["IBP", "CROWN-IBP"]
     assert (dense_run / "config.yaml").exists() and (dense_run / "history.csv").exists()
     assert not (dense_run / CHECKPOINT_FILE).exists()
     assert (dense_run / "history.csv").read_text().count("\npretrain,") == 2
@@ -53,7 +58,7 @@ def test_pruned_weights_are_zero_in_model_file_and_after_load_run(dense_run, tmp
     expected_zeros = sum(layer.weight.numel() - masking.num_kept(k, layer.weight.numel())
                          for _, layer in masking.prunable_layers(model))
     assert metrics["sparsity"] == pytest.approx(expected_zeros / sum(l.weight.numel() for _, l in masking.prunable_layers(model)), abs=1e-4)
-    assert metrics["method"] == method and metrics["k"] == k and REQUIRED_METRICS <= set(metrics)
+    assert metrics["method"] == method and metrics["k"] == k and RUN_FACTS <= set(metrics)
 
 
 def test_lwm_gets_the_same_total_epochs_as_hydra(dense_run, tmp_path):
@@ -121,7 +126,7 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        runs._atomic(target, disk_full)
+        atomic._atomic(target, disk_full)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 

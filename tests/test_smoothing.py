@@ -8,9 +8,8 @@ import torch
 from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
-from certprune.certify import smoothing
-from certprune.certify.smoothing import (ABSTAIN, SigmaMismatchWarning, Smooth, certify_run, lower_confidence_bound,
-                                         max_certifiable_radius, summarize, training_sigmas)
+from certprune.certify.smoothing import ABSTAIN, Smooth, lower_confidence_bound, max_certifiable_radius
+from certprune.certify.smoothing_run import SigmaMismatchWarning, certify_run, summarize, training_sigmas
 from certprune.config import SmoothingConfig, load_config
 from certprune.losses import make_loss
 from certprune.models import MODELS
@@ -344,9 +343,8 @@ def test_the_training_sigma_is_read_from_the_runs_config():
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").rglob("*smoothing*.yaml")))
 def test_shipped_smoothing_configs_train_with_noise_and_certify_at_their_sigma(path):
-    config = load_config(path)
-    smoothing.check_settings(config.certify)
-    assert training_sigmas(config) == [config.certify.sigma]
+    config = load_config(path)  # validates every setting
+    assert training_sigmas(config) == [config.smoothing.sigma]
     for phase in ("pretrain", "prune", "finetune"):
         name, params = config.phase_loss(phase)
         assert name in ("gaussian", "stability") and make_loss(name, **params)
@@ -377,7 +375,9 @@ def test_a_sweep_certifies_every_run_and_plots_certified_accuracy_against_radius
     rows = sweep(config, tmp_path)
     assert [row["run"] for row in rows] == ["dense", "hydra-k0.1", "lwm-k0.1"]
     for row in rows:
-        assert row["sigma"] == row["train_sigma"] == 0.25 and row["certified_examples"] == 3
+        record = row["evaluations"]["smoothing"]
+        assert record["sigma"] == record["train_sigma"] == 0.25 and record["certified_examples"] == 3
+        assert record["images"]["count"] == 3 and record["settings"]["n"] == 50
         assert len(_lines(tmp_path / row["run"])) == 1 + 3
     assert "certified_acc_0.5" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "sparsity.png").exists() and (tmp_path / "radius-k0.1.png").exists()

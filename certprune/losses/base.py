@@ -1,13 +1,13 @@
-"""What every training loss shares: its call signature and the per-batch accuracy it reports.
+"""What every training loss shares: its call signature, the per-batch accuracy it reports, and plain cross-entropy.
 
-Kept apart from :mod:`certprune.losses` (which registers the losses of every path) so that each path's module can
-be imported on its own without an import cycle.
+The registry (:mod:`certprune.losses`) imports each path's module; no path module imports the registry.
 """
 from __future__ import annotations
 
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -22,3 +22,12 @@ class Loss(Protocol):
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fraction of ``logits`` whose argmax is ``y``, as a 0-dim tensor on their device (``float()`` it to read)."""
     return (logits.argmax(1) == y).float().mean().detach()
+
+
+class NaturalLoss:
+    """Plain cross-entropy on clean inputs."""
+
+    def __call__(self, model, x, y, epoch):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}

@@ -1,4 +1,4 @@
-"""Empirical robustness: clean and PGD (robust) accuracy of a model on a test set.
+"""Attack evaluation (empirical robustness, not a certificate): clean and PGD (robust) accuracy on a test set.
 
 An image counts as robust when the model classifies it correctly both unperturbed and at the adversarial point the
 attack found (best of its restarts), so robust accuracy never exceeds clean accuracy. It is an upper bound on the
@@ -7,7 +7,6 @@ true robust accuracy (a stronger attack can only lower it), unlike the verified 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,22 +59,12 @@ def attack_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     return distributed.merge(clean, positions, n), distributed.merge(robust, positions, n)
 
 
-def make_attack(settings, default_eps) -> PGD:
-    """A :class:`PGD` from an ``AttackConfig``-like object; its eps falls back to ``default_eps``."""
-    eps = settings.eps if settings.eps is not None else default_eps
-    if eps is None:
-        raise ValueError("the attack needs an eps (none in the attack section or the training loss)")
-    return PGD(parse_eps(eps), settings.norm, settings.steps, settings.step_size, settings.restarts,
+def make_attack(settings) -> PGD:
+    """A :class:`PGD` from validated attack settings (eps already filled in from the run's loss)."""
+    return PGD(parse_eps(settings.eps), settings.norm, settings.steps, settings.step_size, settings.restarts,
                settings.objective)
 
 
-def evaluate_attack(model: nn.Module, config, data, run_dir: Path | None = None) -> dict[str, Any]:
-    """The pipeline's evaluation (``config.attack``; nothing when that section is absent)."""
-    settings = config.attack
-    if settings is None:
-        return {}
-    attack = make_attack(settings, config.loss.get("eps"))
-    x, y = data.test_x, data.test_y
-    if settings.max_examples is not None:
-        x, y = x[:settings.max_examples], y[:settings.max_examples]
-    return attack_accuracy(model, x, y, attack, settings.batch_size, seed=config.seed)
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> dict[str, Any]:
+    """The evaluator: ``pgd_acc`` of ``model`` on ``(x, y)`` under the attack ``settings`` describe."""
+    return attack_accuracy(model, x, y, make_attack(settings), settings.batch_size, seed=settings.seed)

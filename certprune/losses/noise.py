@@ -1,28 +1,16 @@
 """Training losses for randomized smoothing: Gaussian-noise augmentation and HYDRA's stability loss.
 
-Both follow :mod:`certprune.losses`' protocol ``loss(model, x, y, epoch) -> (loss, metrics)`` and work in every
+Both follow :mod:`certprune.losses.base`' protocol ``loss(model, x, y, epoch) -> (loss, metrics)`` and work in every
 phase (pretrain, prune, finetune). The noise is drawn in pixel space from torch's global generator, which the
 pipeline seeds and checkpoints, so a resumed run draws the noise an uninterrupted one would.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .loss_protocol import accuracy
-
-
-def check_sigma(sigma: float) -> float:
-    """The noise level as a float; one check for training (these losses) and certification (the smoother)."""
-    try:
-        sigma = float(sigma)
-    except (TypeError, ValueError):
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}") from None
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a finite number > 0 (the noise's standard deviation), got {sigma}")
-    return sigma
+from ..quantities import check_sigma
+from .base import accuracy
 
 
 def gaussian_noise(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import PGD, eval_mode, parse_eps
-from .loss_protocol import accuracy
-from .schedules import Interpolate, Ramp
+from ..attacks import PGD, eval_mode
+from ..quantities import parse_eps
+from .base import accuracy
+from ..schedules import Interpolate, Ramp
 
 
 class _Adversarial:

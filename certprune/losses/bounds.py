@@ -1,28 +1,17 @@
-"""Training losses: small objects with one signature, ``loss(model, x, y, epoch) -> (loss, metrics)``.
+"""Certified training losses (IBP, CROWN-IBP): cross-entropy of the worst-case logits a sound bound implies.
 
-``epoch`` is fractional training progress within the phase (epoch index + batch fraction), which is all the
-schedules need. Trainers never branch on a loss's kind; new losses register in :data:`LOSSES`.
+eps, beta and kappa follow one ramp (:mod:`certprune.schedules`); auto_LiRPA is reached only through
+:mod:`certprune.lirpa`, loaded when the first bound is needed.
 """
 from __future__ import annotations
-
-import inspect
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss_protocol import Loss, accuracy
-from .schedules import Interpolate, Ramp
-
-
-class NaturalLoss:
-    """Plain cross-entropy on clean inputs."""
-
-    def __call__(self, model, x, y, epoch):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        return loss, {"loss": loss.detach(), "acc": accuracy(logits, y)}
+from ..quantities import parse_eps
+from ..schedules import Interpolate, Ramp
+from .base import accuracy
 
 
 def robust_cross_entropy(margin_lower: torch.Tensor) -> torch.Tensor:
@@ -41,8 +30,7 @@ class BoundLoss:
 
     def __init__(self, eps: float, ramp_start: float = 0.0, ramp_epochs: float = 0.0, kappa_start: float = 1.0,
                  kappa_end: float = 0.0, beta_start: float = 1.0, beta_end: float = 0.0):
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
+        eps = parse_eps(eps)
         ramp = Ramp(ramp_start, ramp_epochs)
         self.eps = Interpolate(0.0, eps, ramp)
         self.kappa = Interpolate(kappa_start, kappa_end, ramp)
@@ -50,8 +38,8 @@ class BoundLoss:
         self._proxy = None
 
     def proxy(self, model: nn.Module, x: torch.Tensor):
-        from .distributed import unwrap
-        from .lirpa import BoundedProxy  # auto_LiRPA loads only when a bound is needed
+        from ..distributed import unwrap
+        from ..lirpa import BoundedProxy  # auto_LiRPA loads only when a bound is needed
 
         model = unwrap(model)  # the proxy reads the layers themselves; gradients still reach DDP's hooks
         if self._proxy is None or self._proxy.model is not model:
@@ -85,30 +73,3 @@ class IBPLoss(BoundLoss):
     def __init__(self, eps: float, ramp_start: float = 0.0, ramp_epochs: float = 0.0, kappa_start: float = 1.0,
                  kappa_end: float = 0.5):
         super().__init__(eps, ramp_start, ramp_epochs, kappa_start, kappa_end, beta_start=0.0, beta_end=0.0)
-
-
-LOSSES: dict[str, Callable[..., Loss]] = {
-    "natural": NaturalLoss,
-    "ibp": IBPLoss,
-    "crown-ibp": BoundLoss,
-}
-# Other certification paths register their losses below (one line each).
-from .losses_adversarial import PGDAdversarialLoss, TradesLoss  # noqa: E402  (empirical robustness)
-LOSSES.update({"pgd": PGDAdversarialLoss, "trades": TradesLoss})
-from .losses_noise import GaussianLoss, StabilityLoss  # noqa: E402  (randomized smoothing)
-LOSSES.update({"gaussian": GaussianLoss, "stability": StabilityLoss})
-
-
-def make_loss(name: str, **params) -> Loss:
-    """Build a registered loss; unknown names and parameters are errors, not silently ignored."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(sorted(LOSSES))}")
-    factory = LOSSES[name]
-    accepted = inspect.signature(factory).parameters
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ValueError(f"loss {name!r} takes no parameter {', '.join(unknown)}; it takes {', '.join(accepted) or 'none'}")
-    missing = [key for key, p in accepted.items() if p.default is inspect.Parameter.empty and key not in params]
-    if missing:
-        raise ValueError(f"loss {name!r} needs {', '.join(missing)} (e.g. --set loss.{missing[0]}=...)")
-    return factory(**params)

@@ -1,0 +1,148 @@
+"""The one evaluation driver: it picks a run's test images once, calls evaluators, and records their figures.
+
+Every evaluator is a function ``evaluate(model, x, y, settings) -> dict`` in :mod:`certprune.certify`. This driver
+selects the images (every ``skip``-th test image, at most ``max``), computes clean accuracy once per image set, and
+writes one record per evaluation into the run's ``metrics.json`` under ``evaluations``. A record says which images
+and which settings its figures cover. Its key is the section's name (``verify``, ``attack``, ``smoothing``) when the
+settings are the run's own config's, and otherwise names what differs, so a subset or another eps never replaces
+the run's own figures. Everything is checked, and the run directory locked, before the first image is evaluated.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import distributed
+from .certify import attack, smoothing_run, verify
+from .config import AttackConfig, Config, ConfigError, SmoothingConfig, VerifyConfig, validate
+from .data import Dataset, load_dataset
+from .runs import (RunError, check_writable, load_run, locked, read_config, read_metrics,
+                   record_evaluation, resolve_model_path)
+
+log = logging.getLogger("certprune")
+EVALUATORS = {"verify": verify, "smoothing": smoothing_run, "attack": attack}  # each module's evaluate()
+SECTIONS = {"verify": VerifyConfig, "smoothing": SmoothingConfig, "attack": AttackConfig}
+IMAGE_KEYS = ("skip", "max")
+
+
+def select_images(total: int, skip: int, maximum: int | None) -> list[int]:
+    """Every ``skip``-th test index from 0, at most ``maximum`` of them: the one rule for every evaluation."""
+    return list(range(0, total, skip))[:maximum]
+
+
+def describe_images(indices: list[int], total: int, skip: int) -> dict[str, Any]:
+    return {"set": "test", "count": len(indices), "of": total, "skip": skip,
+            "first": indices[0] if indices else None, "last": indices[-1] if indices else None}
+
+
+def resolve_settings(config: Config, section: str, requested: dict[str, Any] | None = None):
+    """The section's settings: the run's config section (or its defaults), then ``requested`` on top, validated
+    as one config would be; eps and sigma default to the training loss's."""
+    own = getattr(config, section)
+    base = own.model_dump() if own is not None else SECTIONS[section]().model_dump()
+    merged = {**base, **{key: value for key, value in (requested or {}).items() if value is not None}}
+    settings = getattr(validate({**config.to_dict(), section: merged}), section)
+    if section in ("verify", "attack") and settings.eps is None:
+        if config.loss.get("eps") is None:
+            raise ConfigError(f"{section} needs an eps: the run's loss {config.loss_name!r} has none (pass --eps)")
+        settings = settings.model_copy(update={"eps": config.loss["eps"]})
+    if section == "smoothing" and settings.sigma is None:
+        sigma = smoothing_run.resolve_sigma(None, smoothing_run.training_sigmas(config))
+        settings = settings.model_copy(update={"sigma": sigma})
+    return settings
+
+
+def record_key(config: Config, section: str, settings) -> str:
+    """``section`` for the run's own settings; otherwise ``section[what differs]``, e.g. ``verify[eps=0.01, max=32]``."""
+    own = resolve_settings(config, section) if getattr(config, section) is not None else SECTIONS[section]()
+    base, wanted = own.model_dump(mode="json"), settings.model_dump(mode="json")
+    if getattr(config, section) is not None and base == wanted:
+        return section
+    changed = [f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}"
+               for key, value in wanted.items() if base.get(key) != value]
+    return f"{section}[{', '.join(changed) or 'defaults'}]"
+
+
+def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    with torch.no_grad():
+        correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                      for i in range(0, len(x), batch_size))
+    return correct / max(1, len(x))
+
+
+def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None], device: torch.device | str = "cpu",
+                 restart: bool = False, warn: Callable[[str], None] | None = None,
+                 data: Dataset | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate a finished run: ``requests`` maps a section to settings on top of the run's own (``{}`` = the run's
+    own settings). ``data`` replaces the data set the run's config names (API callers with their own tensors).
+    Returns the records written, by key. Rank 0 writes; under torchrun every rank evaluates its share.
+    """
+    model_path = resolve_model_path(source)
+    run_dir = model_path.parent
+    config = read_config(run_dir) or Config()
+    plans = []
+    for section, requested in requests.items():
+        settings = resolve_settings(config, section, requested)
+        plans.append((section, settings, record_key(config, section, settings)))
+    read_metrics(run_dir)  # a damaged metrics.json fails now, not after the evaluation
+    check_writable(run_dir)
+    with locked(run_dir, create=False) if distributed.is_main() else contextlib.nullcontext():
+        data = data or load_dataset(config.dataset, config.data_dir)
+        model = load_run(model_path).to(device)
+        x_all, y_all = data.test_x.to(device), data.test_y.to(device)
+        clean: dict[tuple, float] = {}
+        records = {}
+        for section, settings, key in plans:
+            indices = select_images(len(x_all), settings.skip, settings.max)
+            x, y = x_all[indices], y_all[indices]
+            if (settings.skip, settings.max) not in clean:
+                clean[(settings.skip, settings.max)] = clean_accuracy(model, x, y)
+            fields = settings.model_dump()
+            if fields.get("seed") is None:  # an attack without its own seed, and smoothing: the run's seed
+                fields["seed"] = config.seed
+            job = types.SimpleNamespace(**fields, run_dir=run_dir, indices=indices, restart=restart,
+                                        warn=warn or log.warning, trained_sigmas=smoothing_run.training_sigmas(config))
+            log.info("%s: %s on %d test images", run_dir.name, key, len(indices))
+            started = time.perf_counter()
+            figures = EVALUATORS[section].evaluate(model.eval(), x, y, job)
+            figures.pop("clean_acc", None)  # the driver's, once per image set
+            record = {"images": describe_images(indices, len(x_all), settings.skip),
+                      "settings": settings.model_dump(mode="json"),
+                      "clean_acc": clean[(settings.skip, settings.max)],
+                      **{name: value for name, value in figures.items() if not name.startswith("_")},
+                      "seconds": time.perf_counter() - started}
+            if distributed.is_main():
+                record_evaluation(run_dir, key, record)
+            records[key] = record
+    return records
+
+
+def evaluate_configured(run_dir: str | Path, config: Config, device: torch.device | str = "cpu",
+                        sections: list[str] | None = None, data: Dataset | None = None) -> dict[str, Any]:
+    """The evaluations the run's config asks for (all, or ``sections`` of them), recorded under the section names:
+    the records the sweep's table reads."""
+    wanted = [s for s in SECTIONS if getattr(config, s) is not None and (sections is None or s in sections)]
+    return evaluate_run(run_dir, {section: {} for section in wanted}, device, data=data) if wanted else {}
+
+
+def missing_evaluations(run_dir: Path, config: Config) -> list[str]:
+    """The config's sections whose record is absent or was made with other settings (to be evaluated again)."""
+    stored = read_metrics(run_dir).get("evaluations", {})
+    missing = []
+    for section in SECTIONS:
+        if getattr(config, section) is None:
+            continue
+        settings = resolve_settings(config, section).model_dump(mode="json")
+        if stored.get(section, {}).get("settings") != settings:
+            missing.append(section)
+    return missing
+
+
+__all__ = ["EVALUATORS", "RunError", "evaluate_configured", "evaluate_run", "missing_evaluations", "select_images"]

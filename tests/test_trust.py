@@ -1,0 +1,126 @@
+"""Runs you can trust: the bare headline command learns, a resumed run is the same run, a sweep never reuses
+another setting's run, and a diverging loss stops at once with the last good checkpoint kept."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from certprune import pipeline
+from certprune.runs import CHECKPOINT_FILE, safe_load
+from certprune.train import TrainingDiverged
+from helpers import TINY, assert_one_line_error, run, tiny_config
+
+
+def test_the_bare_headline_command_trains_far_above_chance(tmp_path, monkeypatch):
+    """``certprune prune --loss crown-ibp --k 0.05`` from a fresh directory, on a shortened schedule: with no eps
+    ramp the defaults sat at ln 10 and 11 % accuracy."""
+    monkeypatch.chdir(tmp_path)
+    result = run("prune", "--loss", "crown-ibp", "--k", 0.05, "--set", "pretrain.epochs=5",
+                 "--set", "prune.epochs=1", "--set", "finetune.epochs=2", "--set", "train_examples=2048",
+                 "--set", "verify.max=300", "--set", "verify.bound_methods=[IBP]")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "runs" / "hydra-crown-ibp-k0.05" / "metrics.json").read_text())
+    verify = record["evaluations"]["verify"]
+    assert verify["clean_acc"] > 0.6 and verify["verified_acc"] > 0.2  # chance is 0.1 and 0.0
+    assert (tmp_path / "runs" / "cache").is_dir()
+
+
+def interrupt_after_first_epoch(monkeypatch):
+    real_fit = pipeline.fit
+
+    def fit(*args, on_epoch_end=None, **kwargs):
+        def stop(epoch, means):
+            on_epoch_end(epoch, means)
+            raise KeyboardInterrupt
+        return real_fit(*args, on_epoch_end=stop, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", fit)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trust") / "dense"
+    pipeline.pretrain(tiny_config(verify=None), run_dir)
+    return run_dir
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_others(dense, tmp_path, monkeypatch):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "verify": None, "prune": {"epochs": 1},
+                                                        "finetune": {"epochs": 1}}))
+    out = tmp_path / "lwm-k0.01"
+    interrupt_after_first_epoch(monkeypatch)
+    result = run("prune", "--method", "lwm", "--k", 0.01, "--from", dense, "--config", tmp_path / "tiny.yaml",
+                 "--out", out)
+    assert result.exit_code == 130 and "rerun with --resume" in result.output
+    monkeypatch.undo()
+    config_before = (out / "config.yaml").read_bytes()
+    assert_one_line_error(run("prune", "--resume", "--out", out, "--k", 0.5), "k 0.01 -> 0.5")
+    assert_one_line_error(run("prune", "--resume", "--out", out, "--method", "hydra"), "method lwm -> hydra")
+    assert_one_line_error(run("prune", "--resume", "--out", out, "--set", "loss.eps=0.3"), "loss.eps 0.05 -> 0.3")
+    result = run("prune", "--resume", "--out", out)  # the README's line: no --method, no --k
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "lwm" and metrics["k"] == 0.01 and metrics["sparsity"] > 0.98
+    assert (out / "config.yaml").read_bytes() == config_before
+    history = (out / "history.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[:2] for row in history] == [["finetune", "1"], ["finetune", "2"]]
+
+
+def test_a_sweep_never_reuses_runs_trained_with_other_settings(dense, tmp_path):
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "prune": {"epochs": 0}, "finetune": {"epochs": 1},
+                                                        "prune_methods": ["lwm"], "verify": {"max": 16}}))
+    first = run("sweep", "--config", tmp_path / "tiny.yaml", "--out", tmp_path / "sweep", "--from", dense)
+    assert first.exit_code == 0, first.output
+    assert "training lwm-k0.1 (2 of 2)" in first.stderr
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    result = run("sweep", "--config", tmp_path / "tiny.yaml", "--out", tmp_path / "sweep", "--from", dense,
+                 "--set", "loss.eps=0.3")
+    assert_one_line_error(result, "was trained with other settings (loss.eps 0.05 -> 0.3)")
+    assert (tmp_path / "sweep" / "results.md").read_text() == table
+    # evaluation settings are not training settings: the finished run is evaluated again, not retrained
+    model = (tmp_path / "sweep" / "lwm-k0.1" / "model.pt").read_bytes()
+    again = run("sweep", "--config", tmp_path / "tiny.yaml", "--out", tmp_path / "sweep", "--from", dense,
+                "--set", "verify.max=8")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "sweep" / "lwm-k0.1" / "model.pt").read_bytes() == model
+    assert "8 of 1500 test images" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_a_loss_that_stops_being_finite_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from certprune.losses import NaturalLoss
+
+    calls = []
+
+    def sometimes_nan(self, model, x, y, epoch):
+        calls.append(epoch)
+        loss, metrics = real_call(self, model, x, y, epoch)
+        return (loss * float("nan") if epoch >= 1 else loss), metrics
+
+    real_call = NaturalLoss.__call__
+    monkeypatch.setattr(NaturalLoss, "__call__", sometimes_nan)
+    config = tiny_config(loss={"name": "natural"}, pretrain={"epochs": 3}, verify=None)
+    with pytest.raises(TrainingDiverged, match="the loss became nan in epoch 2, batch 1"):
+        pipeline.pretrain(config, tmp_path / "run")
+    assert safe_load(tmp_path / "run" / CHECKPOINT_FILE)["epoch"] == 0  # the first, finite epoch
+    assert not (tmp_path / "run" / "model.pt").exists()
+    assert calls[-1] == 1.0  # stopped at the first non-finite batch
+    good = safe_load(tmp_path / "run" / CHECKPOINT_FILE)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in good.values())
+
+
+@pytest.mark.parametrize("command, message", [
+    (["verify", "--from", "{run}"], "interrupted; nothing was recorded"),
+    (["sweep", "--out", "{tmp}/sweep", "--from", "{run}", "--set", "k=[0.5]", "--set", "verify=null"],
+     "rerun the same sweep command"),
+])
+def test_ctrl_c_says_what_was_kept_for_each_command(dense, tmp_path, monkeypatch, command, message):
+    from certprune import evaluation, sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "evaluate_run", interrupted)
+    monkeypatch.setattr(sweep, "prune", interrupted)
+    result = run(*[part.format(run=dense, tmp=tmp_path) for part in command])
+    assert result.exit_code == 130 and message in result.output and "--resume" not in result.output
