@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import hashlib
 import json
 import signal
@@ -12,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import ConfigError, load_config, parse_override
+from .config import AttackConfig, ConfigError, SmoothingConfig, VerifyConfig, load_config, parse_override
 from .data import DatasetNotFound
 from .logs import setup_logging
 from .runs import CONFIG_FILE, RunError, read_config
@@ -112,6 +113,13 @@ def _resumed_config(out, resume):
     return read_config(out) if resume and out is not None and Path(out, CONFIG_FILE).is_file() else None
 
 
+def _default(section, name) -> str:
+    """A section's default as help text: the settings types hold the defaults, the CLI never restates them."""
+    field = section.model_fields[name]
+    value = field.default_factory() if field.default_factory else field.default
+    return f"[{'+'.join(map(str, value)) if isinstance(value, list) else value}]"
+
+
 def _raise_sigterm(signum, frame):
     raise KeyboardInterrupt
 
@@ -172,7 +180,7 @@ def prune(k, method, allocation, source, out, resume, **options):
     if source is None:
         source = _pretrain_cache_dir(config)
         if not (source / "model.pt").exists():
-            click.echo(f"no --from given: pretraining the dense model into {source}", err=True)
+            logging.getLogger("certprune").info("no --from given: pretraining the dense model into %s", source)
             run_pretrain(config, source, resume=True)
     out = out or f"runs/{method}-{config.loss_name}-k{k:g}"
     metrics = run_prune(config, out, k, method, source, resume=resume)
@@ -197,11 +205,12 @@ NOT_RECORDED = "interrupted; nothing was recorded"
 @SOURCE_OPTION
 @click.option("--eps", help="L-inf budget, 0.1 or 8/255 [the run's verify.eps, else its training eps].")
 @click.option("--method", "methods", multiple=True,
-              help="Bound methods in cascade order (repeatable): IBP, CROWN, CROWN-IBP, alpha-CROWN, MILP [IBP, CROWN].")
+              help="Bound methods in cascade order (repeatable): IBP, CROWN, CROWN-IBP, alpha-CROWN, MILP "
+              + _default(VerifyConfig, "bound_methods"))
 @MAX_OPTION
 @SKIP_OPTION
-@click.option("--batch-size", type=int, help="Images bounded at once [256].")
-@click.option("--timeout", type=float, help="Seconds per image of the MILP stage [10].")
+@click.option("--batch-size", type=int, help="Images bounded at once " + _default(VerifyConfig, "batch_size"))
+@click.option("--timeout", type=float, help="Seconds per image of the MILP stage " + _default(VerifyConfig, "timeout"))
 @DEVICE_OPTION
 @one_line_errors(NOT_RECORDED)
 def verify(source, eps, methods, max, skip, batch_size, timeout, device):
@@ -214,10 +223,10 @@ def verify(source, eps, methods, max, skip, batch_size, timeout, device):
 @main.command()
 @SOURCE_OPTION
 @click.option("--sigma", help="Noise level of the smoothed classifier [the run's training sigma].")
-@click.option("--n0", type=int, help="Samples that choose the top class [100].")
-@click.option("--n", "n", type=int, help="Samples that bound its probability [100000].")
-@click.option("--alpha", help="Failure probability per image [0.001].")
-@click.option("--batch", type=int, help="Noisy samples per forward pass [1000; 10000 suits a GPU].")
+@click.option("--n0", type=int, help="Samples that choose the top class " + _default(SmoothingConfig, "n0"))
+@click.option("--n", "n", type=int, help="Samples that bound its probability " + _default(SmoothingConfig, "n"))
+@click.option("--alpha", help="Failure probability per image " + _default(SmoothingConfig, "alpha"))
+@click.option("--batch", type=int, help="Noisy samples per forward pass (10000 suits a GPU) " + _default(SmoothingConfig, "batch"))
 @click.option("--precision", help="fp32 or bf16: bf16 certifies the classifier as computed under bf16 autocast.")
 @click.option("--compile", "compile_model", is_flag=True, default=None, help="Run the classifier through torch.compile.")
 @SKIP_OPTION
@@ -238,16 +247,16 @@ def certify(source, sigma, n0, n, alpha, batch, precision, compile_model, skip, 
 @main.command()
 @SOURCE_OPTION
 @click.option("--attack", type=click.Choice(["pgd"]), default="pgd", show_default=True)
-@click.option("--norm", type=click.Choice(["linf", "l2"]), help="[linf]")
+@click.option("--norm", type=click.Choice(["linf", "l2"]), help=_default(AttackConfig, "norm"))
 @click.option("--eps", help="Budget in pixel space, 0.1 or 8/255 [the run's attack.eps, else its training eps].")
-@click.option("--steps", type=int, help="[50]")
+@click.option("--steps", type=int, help=_default(AttackConfig, "steps"))
 @click.option("--step-size", help="Step size, a number or a fraction [2.5 * eps / steps].")
-@click.option("--restarts", type=int, help="Random starts; the worst counts [1].")
-@click.option("--objective", type=click.Choice(["ce", "margin"]), help="[ce]")
+@click.option("--restarts", type=int, help="Random starts; the worst counts " + _default(AttackConfig, "restarts"))
+@click.option("--objective", type=click.Choice(["ce", "margin"]), help=_default(AttackConfig, "objective"))
 @MAX_OPTION
 @SKIP_OPTION
-@click.option("--batch-size", type=int, help="[500]")
-@click.option("--seed", type=int, help="Seed of the random starts [0].")
+@click.option("--batch-size", type=int, help=_default(AttackConfig, "batch_size"))
+@click.option("--seed", type=int, help="Seed of the random starts [the run's seed].")
 @DEVICE_OPTION
 @one_line_errors(NOT_RECORDED)
 def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max, skip, batch_size, seed, device):
@@ -281,7 +290,7 @@ def sweep(out, source, **options):
 @one_line_errors("interrupted")
 def plot(sweep_dir, metric, out_path):
     """Plot a metric of a sweep's runs against sparsity (PNG)."""
-    from .sweep import plot_sweep
+    from .report import plot_sweep
 
     click.echo(str(plot_sweep(Path(sweep_dir), metric, Path(out_path) if out_path else None)))
 

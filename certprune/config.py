@@ -143,7 +143,7 @@ class AttackConfig(ImageSelection):
 
 
 EVALUATION_SECTIONS = ("verify", "smoothing", "attack")
-NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "prune_methods", "report_metric", "report_columns")
+NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "seeds", "prune_methods", "report_metric", "report_columns")
 _RENAMED = {"methods": "prune_methods", "certify": "smoothing"}
 _RENAMED_IN_SECTION = {"methods": "bound_methods", "max_examples": "max"}
 
@@ -164,6 +164,7 @@ class Config(Section):
     finetune: PhaseConfig = Field(default_factory=lambda: PhaseConfig(epochs=8, lr=1e-3))
     train_norm_in_prune: StrictBool = True
     k: list[K] = Field(default_factory=lambda: [0.1, 0.05, 0.01], min_length=1)
+    seeds: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # a sweep's seeds (each run gets one as its seed)
     prune_methods: list[Literal["hydra", "lwm"]] = Field(default_factory=lambda: ["hydra", "lwm"], min_length=1)
     verify: VerifyConfig | None = Field(default_factory=VerifyConfig)
     smoothing: SmoothingConfig | None = None

@@ -179,7 +179,8 @@ def _start_run(run_dir: Path, config: Config, identity: dict[str, Any], resume: 
 def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[str, Any],
             facts: dict[str, Any]) -> dict[str, Any]:
     """Save the final model and the run's facts; the checkpoint goes once both are written."""
-    metrics = {**facts, "sparsity": masking.sparsity(model), "dataset": config.dataset, "model": architecture["name"],
+    layers = {name: list(counts) for name, counts in masking.allocation_counts(model).items()}
+    metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset, "model": architecture["name"],
                "loss": config.loss_name, "seed": config.seed, "seconds": facts.pop("train_seconds", 0.0)}
     if distributed.is_main():
         save_model(model, run_dir / MODEL_FILE, architecture)

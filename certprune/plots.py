@@ -1,6 +1,7 @@
 """Figures: a metric (certified / verified / robust accuracy) against sparsity, one line per method."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,20 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
     scale, unit = (100, " (%)") if is_fraction(metric) else (1, "")
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in ("hydra", "lwm"):
-        points = sorted((r["sparsity"], r[metric]) for r in rows
-                        if r.get("method") == method and r.get(metric) is not None)
-        if points:
-            axis.plot([100 * s for s, _ in points], [scale * v for _, v in points], "o-", color=COLORS[method],
-                      label=method.upper())
-    for row in rows:
-        if row.get("method") == "dense" and row.get(metric) is not None:
-            axis.axhline(scale * row[metric], color=COLORS["dense"], linestyle="--", label="dense")
+        by_k: dict[float, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r.get("method") == method and r.get(metric) is not None:
+                by_k.setdefault(r["k"], []).append((r["sparsity"], r[metric]))
+        if by_k:  # one point per k: the mean over seeds, the sample standard deviation as an error bar
+            points = sorted((statistics.mean(s for s, _ in group), [scale * v for _, v in group])
+                            for group in by_k.values())
+            axis.errorbar([100 * s for s, _ in points], [statistics.mean(v) for _, v in points],
+                          yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], fmt="o-",
+                          capsize=3, color=COLORS[method], label=method.upper())
+    dense = [scale * row[metric] for row in rows if row.get("method") == "dense" and row.get(metric) is not None]
+    if dense:
+        axis.axhline(statistics.mean(dense), color=COLORS["dense"], linestyle="--",
+                     label="dense" + (f" (mean of {len(dense)})" if len(dense) > 1 else ""))
     axis.set_xlabel("sparsity (% of prunable weights removed)")
     axis.set_ylabel(f"{label}{unit}")
     axis.set_title(title or f"{label} against sparsity")

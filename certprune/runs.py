@@ -149,7 +149,7 @@ def safe_load(path: Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a damaged or unsafe file
-        unsafe = "weights_only" in str(error) or "Unsupported global" in str(error)
+        unsafe = "Unsupported global" in str(error) or "GLOBAL" in str(error)  # a class or function, not a tensor
         reason = ("it holds Python objects beyond tensors, which certprune never loads (it is not a certprune "
                   "checkpoint, or not a safe one)" if unsafe else "it is damaged or not a checkpoint at all")
         raise RunError(f"cannot read {path}: {reason}") from None

@@ -1,0 +1,133 @@
+"""A sweep's report: ``results.md`` and its figures, every number saying which images, eps, method and seeds it covers.
+
+Figures are read from the runs' evaluation records (:mod:`certprune.evaluation`); the clean accuracy beside a
+metric is the one of the same record, so one row never mixes image sets. With several seeds, the first table gives
+the mean and the sample standard deviation over seeds, and the plot draws them as error bars.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_text
+from .config import Config
+from .evaluation import SECTIONS
+from .plots import is_fraction, plot_vs_radius, plot_vs_sparsity
+from .runs import RunError, evaluation, read_config, read_metrics
+
+
+def figure(row: dict[str, Any], metric: str) -> tuple[str | None, Any]:
+    """The section whose record holds ``metric`` (verify, smoothing, attack in that order) and its value."""
+    for section in SECTIONS:
+        record = evaluation(row, section)
+        if metric in record:
+            return section, record[metric]
+    return (None, row[metric]) if metric in row else (None, None)
+
+
+def _fmt(column: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if column == "seconds":
+        return f"{value:.0f}"
+    if column == "k":
+        return f"{value:g}"
+    return f"{100 * value:.1f}" if isinstance(value, float) else str(value)
+
+
+def describe(config: Config, section: str, record: dict[str, Any]) -> str:
+    """One line saying what a section's figures cover: method, budget, images, seed."""
+    settings, images = record.get("settings", {}), record.get("images", {})
+    covered = f"{images.get('count')} of {images.get('of')} test images" + (
+        f" (every {images['skip']}th)" if images.get("skip", 1) > 1 else "")
+    if section == "verify":
+        what = f"bounds {' then '.join(settings.get('bound_methods', []))} at L-inf eps {settings.get('eps')}"
+    elif section == "attack":
+        what = (f"PGD-{settings.get('steps')} ({settings.get('norm')}, eps {settings.get('eps')}, step "
+                f"{settings.get('step_size') or 'auto'}, {settings.get('restarts')} restart(s), seed {settings.get('seed')})")
+    else:
+        what = (f"randomized smoothing, sigma {settings.get('sigma')}, n0 {settings.get('n0')}, n {settings.get('n')},"
+                f" alpha {settings.get('alpha')}, {settings.get('precision')}")
+    return f"- `{section}`: {what}; {covered}."
+
+
+def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
+    metric = config.report_metric
+    section = next((figure(r, metric)[0] for r in rows if figure(r, metric)[0]), None)
+    columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *config.report_columns, "seconds"]
+    columns = [c for c in dict.fromkeys(columns) if c in ("run", "clean_acc") or any(figure(r, c)[1] is not None
+                                                                                   for r in rows)]
+    loss = {key: value for key, value in config.loss.items() if key in ("name", "eps", "sigma", "beta")}
+    lines = [f"# certprune sweep: {config.model} on {config.dataset}", "",
+             f"Loss {loss}; epochs pretrain {config.pretrain.epochs}, prune {config.prune.epochs}, finetune "
+             f"{config.finetune.epochs} (LWM: prune + finetune of fine-tuning); allocation {config.prune.allocation};"
+             f" seed {config.seed}.", "",
+             f"Accuracies and sparsity in %; `clean_acc` is on the images of `{metric}`'s evaluation; seconds are "
+             "training plus evaluation per run. Each evaluation covers:", ""]
+    for name in SECTIONS:
+        record = next((evaluation(r, name) for r in rows if evaluation(r, name)), None)
+        if record:
+            lines.append(describe(config, name, record))
+    seeds = sorted({row.get("seed") for row in rows})
+    if len(seeds) > 1:
+        lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
+                  "(n = the number of seeds each row has):", ""] + _mean_table(rows, section, metric, columns)
+        lines += ["", "Every run:"]
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(column, _value(row, column, section)) for column in columns) + " |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    plot_rows = [{**row, metric: figure(row, metric)[1]} for row in rows]
+    title = f"{config.model}, {config.dataset}: {metric}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+    plot_vs_sparsity(plot_rows, metric, out / "sparsity.png", title=title)
+    smoothing = [{**row, **evaluation(row, "smoothing")} for row in rows]
+    if any(isinstance(row.get("certified_acc"), dict) for row in smoothing):  # one figure per k
+        for k in config.k:
+            plot_vs_radius(smoothing, k, out / f"radius-k{k:g}.png",
+                           title=f"{config.model}, {config.dataset}: certified accuracy, k = {k:g}")
+
+
+def plot_sweep(sweep_dir: Path, metric: str | None, out_path: Path | None) -> Path:
+    """``certprune plot``: ``metric`` of a sweep's finished runs against sparsity."""
+    runs = [d for d in sorted(sweep_dir.iterdir()) if (d / "metrics.json").exists()] if sweep_dir.is_dir() else []
+    if not runs:
+        raise RunError(f"{sweep_dir} holds no finished runs")
+    config = next((c for c in map(read_config, runs) if c is not None), None)
+    metric = metric or (config.report_metric if config else "verified_acc")
+    rows = [{**row, metric: figure(row, metric)[1]} for row in map(read_metrics, runs)]
+    values = [row[metric] for row in rows if row[metric] is not None]
+    if not values:
+        raise RunError(f"no run in {sweep_dir} has the metric {metric!r}")
+    if any(isinstance(v, (dict, list, str)) for v in values):
+        raise RunError(f"{metric!r} is not a number per run; plot one radius, e.g. {metric}_0.5")
+    return plot_vs_sparsity(rows, metric, out_path or sweep_dir / "sparsity.png")
+
+
+def _value(row: dict[str, Any], column: str, section: str | None) -> Any:
+    if column == "clean_acc":
+        return evaluation(row, section).get("clean_acc") if section else None
+    if column == "seconds":
+        return row.get("seconds", 0.0) + sum(evaluation(row, s).get("seconds", 0.0) for s in SECTIONS)
+    return figure(row, column)[1]
+
+
+def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, columns: list[str]) -> list[str]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row.get("method"), row.get("k")), []).append(row)
+    shown = ["method", "k", "n"] + [c for c in columns if c not in ("run", "method", "k")]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    for (method, k), members in groups.items():
+        cells = [str(method), f"{k:g}", str(len(members))]
+        for column in shown[3:]:
+            values = [v for v in (_value(r, column, section) for r in members) if isinstance(v, (int, float))]
+            scale = 100 if column != "seconds" and (is_fraction(column) or column == "sparsity") else 1
+            if not values:
+                cells.append("")
+            elif len(values) == 1:
+                cells.append(f"{scale * values[0]:.1f}")
+            else:
+                cells.append(f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
