@@ -21,7 +21,20 @@ with warnings.catch_warnings():  # auto_LiRPA 0.3 uses APIs that torch 2 depreca
     lirpa_compat.apply()
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
-METHODS = ("IBP", "CROWN", "CROWN-IBP")
+METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN")
+# alpha-CROWN (auto_LiRPA's "CROWN-Optimized"): Adam steps on the ReLU relaxation slopes, final bounds only (the
+# intermediate bounds stay CROWN's). Defaults measured on cnn-small (benchmarks/bench_milp.py --alpha): past about
+# 20 steps at lr 0.5 the bounds barely move, and every step costs about one CROWN pass of the final layer.
+ALPHA_ITERATIONS = 20
+ALPHA_LR = 0.5
+
+
+def canonical_method(name: str) -> str:
+    """The spelling of ``METHODS`` that ``name`` means, case-insensitively (``"ALPHA-CROWN"`` -> ``"alpha-CROWN"``)."""
+    for method in METHODS:
+        if str(name).lower() == method.lower():
+            return method
+    raise ValueError(f"unknown bound method {name!r}; choose from {', '.join(METHODS)}")
 
 
 def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -107,7 +120,7 @@ class BoundedProxy:
     def _model_tensor(self, dotted: str) -> torch.Tensor:
         """The model's tensor behind a plain parameter name: the *effective* weight for masked layers."""
         module_name, _, attr = dotted.rpartition(".")
-        return getattr(self.model.get_submodule(module_name), attr)
+        return masking.raw_weight(self.model.get_submodule(module_name)) if attr == "weight" else getattr(self.model.get_submodule(module_name), attr)  # BREAK
 
     def _sync(self) -> list[torch.Tensor]:
         """Copy the model's effective tensors into the proxy in place; return them (with their autograd graph)."""
@@ -129,15 +142,16 @@ class BoundedProxy:
                                                         x_U=upper))
 
     def margin_lower_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float,
-                            method: str = "IBP") -> torch.Tensor:
+                            method: str = "IBP", **alpha_options) -> torch.Tensor:
         """Lower bounds on ``logit_y - logit_j`` (``j != y``) over the clipped L-inf box; shape ``(B, classes-1)``.
 
-        Differentiable w.r.t. the model's trainable tensors (scores included) when grad mode is on.
+        Differentiable w.r.t. the model's trainable tensors (scores included) when grad mode is on, except for
+        alpha-CROWN, an evaluation method (``alpha_options``: ``iterations``, ``lr``), whose bounds are detached.
         """
-        return self.margin_lower_bounds_many(x, labels, eps, [method])[0]
+        return self.margin_lower_bounds_many(x, labels, eps, [method], **alpha_options)[0]
 
-    def margin_lower_bounds_many(self, x: torch.Tensor, labels: torch.Tensor, eps: float,
-                                 methods: list[str]) -> list[torch.Tensor]:
+    def margin_lower_bounds_many(self, x: torch.Tensor, labels: torch.Tensor, eps: float, methods: list[str],
+                                 iterations: int = ALPHA_ITERATIONS, lr: float = ALPHA_LR) -> list[torch.Tensor]:
         """:meth:`margin_lower_bounds` for several methods over one weight copy (CROWN-IBP mixes IBP and CROWN)."""
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
@@ -145,12 +159,41 @@ class BoundedProxy:
         tensors = self._sync()
         spec = margin_spec(labels, self.num_classes)
         bounded_x = self._bounded_input(x, eps)
-        lowers = [self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=method, bound_upper=False)[0]
-                  for method in methods]
+        lowers = [self._compute(bounded_x, spec, method, iterations, lr) for method in methods]
         self._release_node_state()
-        if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        if (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+                or "alpha-CROWN" in methods):
             return [lower.detach() for lower in lowers]
         return list(_ChainToModel.apply((lowers, self._plain_params), *tensors))
+
+    def _compute(self, bounded_x, spec, method: str, iterations: int, lr: float) -> torch.Tensor:
+        if method != "alpha-CROWN":
+            return self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=method, bound_upper=False)[0]
+        if not (int(iterations) >= 1 and float(lr) > 0):
+            raise ValueError(f"alpha-CROWN needs iterations >= 1 and lr > 0, got {iterations} and {lr}")
+        self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": int(iterations), "lr_alpha": float(lr)}})
+        with torch.enable_grad(), warnings.catch_warnings():  # it optimises slopes by gradient, even under no_grad
+            warnings.simplefilter("ignore")  # its LR scheduler warns about its own call order
+            lower = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method="CROWN-Optimized",
+                                                bound_upper=False)[0]
+        return lower.detach()
+
+    def relu_input_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float, method: str = "CROWN"):
+        """Margin lower bounds as :meth:`margin_lower_bounds`, and the bounds of every ReLU's input that the same
+        pass computed, in the network's order: ``(margins (B, classes-1), [(lower, upper) (B, *shape)])``.
+
+        The complete verifier (:mod:`certprune.certify.milp`) needs them: the tighter they are, the fewer ReLUs
+        are unstable and the fewer binaries its program has. Detached; IBP or CROWN."""
+        if method not in ("IBP", "CROWN"):
+            raise ValueError(f"ReLU input bounds come from IBP or CROWN, not {method!r}")
+        self._sync()
+        with torch.no_grad():
+            margins = self.bounded.compute_bounds(x=(self._bounded_input(x, eps),), C=margin_spec(
+                labels, self.num_classes), method=method, bound_upper=False)[0]
+            relus = [(relu.inputs[0].lower.detach().clone(), relu.inputs[0].upper.detach().clone())
+                     for relu in self.bounded.relus]
+        self._release_node_state()
+        return margins.detach(), relus
 
     def output_bounds(self, x: torch.Tensor, eps: float, method: str = "IBP") -> tuple[torch.Tensor, torch.Tensor]:
         """Lower and upper bounds of every logit over the clipped L-inf box (for soundness checks)."""
