@@ -1,4 +1,6 @@
 """Specification of certprune.lirpa: auto_LiRPA's bounds of masked models are exact and sound."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -6,6 +8,10 @@ from torch import nn
 from certprune import lirpa_compat, masking
 from certprune.lirpa import BoundedProxy, input_box, margin_spec
 from certprune.models import VERIFIABLE, create_model
+
+with warnings.catch_warnings():  # after certprune.lirpa, which applies the compatibility shims auto_LiRPA needs
+    warnings.simplefilter("ignore")
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
 
 EPS = 0.03
 
@@ -109,44 +115,117 @@ def test_pgd_on_the_margin_never_goes_below_the_certified_lower_bound(method):
     assert (attacked >= certified - 1e-5).all()
 
 
-def test_masked_proxy_bounds_equal_direct_bounds_of_the_dense_model():
+def direct_bounded(plain, x, eps):
+    """auto_LiRPA's own ``BoundedModule`` over a plain network (Normalize included), and its input over the clipped
+    box: an independent reference for :class:`BoundedProxy` (no weight copy, no gradient chaining, no Normalize
+    taken out of the graph). Matrix mode, since patches mode (the proxy's) trips an assertion on Normalize."""
+    lower, upper = input_box(x, eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bounded = BoundedModule(plain, x[:1], bound_opts={"conv_mode": "matrix"})
+    return bounded, BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=lower, x_U=upper))
+
+
+def test_masked_proxy_bounds_equal_auto_lirpas_bounds_of_the_dense_model():
+    """The proxy follows the model's current effective weights (new weights, a new mask) and bounds them as
+    auto_LiRPA bounds the baked network directly."""
     model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.1)
     x, y = torch.rand(5, 1, 12, 12), torch.randint(0, 10, (5,))
-    masked = BoundedProxy(model, x).margin_lower_bounds(x, y, EPS, "CROWN-IBP")
-    direct = BoundedProxy(masking.dense_copy(model), x).margin_lower_bounds(x, y, EPS, "CROWN-IBP")
-    assert torch.allclose(masked, direct, atol=1e-6)
+    proxy = BoundedProxy(model, x)
+    proxy.margin_lower_bounds(x, y, EPS, "IBP")
+    before = [masking.mask_of(layer).mask().detach() for _, layer in masking.masked_layers(model)]
+    with torch.no_grad():  # a training step later: every tensor moves, scores too, so the mask changes
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    after = [masking.mask_of(layer).mask().detach() for _, layer in masking.masked_layers(model)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+    bounded, box = direct_bounded(masking.dense_copy(model), x, EPS)
+    with torch.no_grad():
+        for method in ("IBP", "CROWN"):
+            lower, upper = proxy.output_bounds(x, EPS, method)
+            direct_lower, direct_upper = bounded.compute_bounds(x=(box,), method=method)
+            assert torch.allclose(lower, direct_lower, atol=1e-5, rtol=1e-5), method
+            assert torch.allclose(upper, direct_upper, atol=1e-5, rtol=1e-5), method
+        margins = proxy.margin_lower_bounds(x, y, EPS, "CROWN-IBP")
+        direct = bounded.compute_bounds(x=(box,), C=margin_spec(y, 10), method="CROWN-IBP", bound_upper=False)[0]
+    assert torch.allclose(margins, direct, atol=1e-5, rtol=1e-5)
+
+
+def bound_loss(ibp, crown_ibp):
+    return torch.nn.functional.softplus(-ibp).sum() + crown_ibp.square().mean()
 
 
 @pytest.mark.parametrize("phase", ["prune", "finetune"])
 def test_gradient_reaches_scores_and_weights_through_the_proxy(phase):
-    """The chained gradient equals the gradient of the same bounds computed on the masked model itself."""
+    """The chained gradient is auto_LiRPA's own gradient of the same bounds of the baked network w.r.t. its
+    (effective) weights, carried on by hand: to scores straight-through (d|s|/ds = sign(s), times the raw weight),
+    to raw weights times the mask; biases get it unchanged."""
     model = masking.apply_masks(create_model("cnn-small", image_size=12), 0.2)
     masking.set_phase(model, phase)
     x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
-    proxy = BoundedProxy(model, x)
-    ibp, crown_ibp = proxy.margin_lower_bounds_many(x, y, EPS, ["IBP", "CROWN-IBP"])
-    (torch.nn.functional.softplus(-ibp).sum() + crown_ibp.square().mean()).backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
+    bound_loss(*BoundedProxy(model, x).margin_lower_bounds_many(x, y, EPS, ["IBP", "CROWN-IBP"])).backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
-    dense = masking.dense_copy(model)
-    for p in dense.parameters():
-        p.requires_grad_(True)
-    reference = BoundedProxy(dense, x)
-    ibp, crown_ibp = reference.margin_lower_bounds_many(x, y, EPS, ["IBP", "CROWN-IBP"])
-    (torch.nn.functional.softplus(-ibp).sum() + crown_ibp.square().mean()).backward()
+    dense = masking.dense_copy(model)  # plain leaf Parameters holding the effective weights
+    params = dict(dense.named_parameters())
+    for param in params.values():
+        param.requires_grad_(True)
+    bounded, box = direct_bounded(dense, x, EPS)
+    spec = margin_spec(y, 10)
+    bounds = [bounded.compute_bounds(x=(box,), C=spec, method=method, bound_upper=False)[0]
+              for method in ("IBP", "CROWN-IBP")]
+    reference = dict(zip(params, torch.autograd.grad(bound_loss(*bounds), list(params.values()))))
+
+    expected = {}
     for name, layer in masking.masked_layers(model):
-        dense_grad = dense.get_submodule(name).weight.grad
         mask = masking.mask_of(layer)
         if phase == "prune":
-            expected = dense_grad * masking.raw_weight(layer).detach() * mask.scores.detach().sign()
-            actual = got[f"{name}.parametrizations.weight.0.scores"]
+            scores = mask.scores.detach()
+            expected[f"{name}.parametrizations.weight.0.scores"] = (
+                reference[f"{name}.weight"] * masking.raw_weight(layer).detach() * scores.sign())
         else:
-            expected = dense_grad * mask.mask()
-            actual = got[f"{name}.parametrizations.weight.original"]
-        assert torch.allclose(actual, expected, atol=1e-6, rtol=1e-4), name
-    if phase == "finetune":
-        assert torch.allclose(got["1.bias"], dense[1].bias.grad, atol=1e-6)
+            expected[f"{name}.parametrizations.weight.original"] = reference[f"{name}.weight"] * mask.mask().detach()
+            expected[f"{name}.bias"] = reference[f"{name}.bias"]
+    assert set(got) == set(expected)
+    for name, grad in expected.items():
+        assert grad.abs().max() > 0, name
+        assert torch.allclose(got[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_weight_gradient_through_the_proxy_matches_finite_differences():
+    """With the mask fixed (finetune), the bounds are piecewise smooth in the raw weights and biases: central
+    differences in float64 are a reference that shares no code with either gradient path."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        model = masking.apply_masks(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), 0.5)
+        masking.set_phase(model, "finetune")
+        x, y = torch.rand(3, 4), torch.tensor([0, 1, 2])
+        proxy = BoundedProxy(model, x)
+
+        def objective():
+            return bound_loss(*proxy.margin_lower_bounds_many(x, y, 0.1, ["IBP", "CROWN"]))
+
+        objective().backward()
+        step = 1e-6
+        trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+        assert len(trained) == 4  # raw weights and biases; the scores are frozen
+        for name, param in trained:
+            numeric = torch.zeros_like(param).view(-1)
+            flat = param.detach().view(-1)
+            with torch.no_grad():
+                for i in range(flat.numel()):
+                    flat[i] += step
+                    up = objective()
+                    flat[i] -= 2 * step
+                    down = objective()
+                    flat[i] += step
+                    numeric[i] = (up - down) / (2 * step)
+            assert numeric.abs().max() > 0, name
+            assert torch.allclose(param.grad, numeric.view_as(param), atol=1e-6, rtol=1e-4), name
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_bounding_keeps_no_batch_sized_state_and_the_gradient_does_not_need_it(monkeypatch):
