@@ -120,7 +120,7 @@ class BoundedProxy:
     def _model_tensor(self, dotted: str) -> torch.Tensor:
         """The model's tensor behind a plain parameter name: the *effective* weight for masked layers."""
         module_name, _, attr = dotted.rpartition(".")
-        return masking.raw_weight(self.model.get_submodule(module_name)) if attr == "weight" else getattr(self.model.get_submodule(module_name), attr)  # BREAK
+        return getattr(self.model.get_submodule(module_name), attr)
 
     def _sync(self) -> list[torch.Tensor]:
         """Copy the model's effective tensors into the proxy in place; return them (with their autograd graph)."""
