@@ -245,7 +245,10 @@ def test_pruned_weights_stay_exactly_zero_through_finetuning_and_baking(allocati
 @pytest.mark.parametrize("init", ["scaled", "magnitude"])
 def test_state_dict_round_trips_into_a_fresh_model_of_the_same_allocation(allocation, init):
     model = randomise(masking.apply_masks(small_net(), 0.2, init=init, allocation=allocation), seed=7)
-    clone = masking.apply_masks(small_net(), 0.2, init=init, allocation=allocation)
+    fresh = small_net()
+    with torch.no_grad():
+        fresh[0].weight.mul_(1000.0)  # a magnitude-init global scale of its own, unless the state dict brings one
+    clone = masking.apply_masks(fresh, 0.2, init=init, allocation=allocation)
     clone.load_state_dict(model.state_dict())
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(clone(x), model(x))

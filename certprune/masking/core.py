@@ -206,14 +206,13 @@ def allocation_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def _bake(layer: nn.Module) -> None:
-    """Turn a masked layer back into its plain class holding the effective weight (pruned entries exactly 0).
+def _bake(layer: nn.Module, effective: torch.Tensor) -> None:
+    """Turn a masked layer back into its plain class holding ``effective`` (its masked weight, pruned entries 0).
 
     ``parametrize.remove_parametrizations`` deletes the ``weight`` property from the layer's generated class,
     which ``copy.deepcopy`` shares between copies, and so would break every copy of the model. Restoring the
     plain class per instance leaves the others intact.
     """
-    effective = layer.weight.detach().clone()
     requires_grad = raw_weight(layer).requires_grad
     del layer._modules["parametrizations"]
     layer.__class__ = layer.__class__.__bases__[0]  # torch names it Parametrized<Class>(<Class>)
@@ -223,11 +222,10 @@ def _bake(layer: nn.Module) -> None:
 def remove_masks(model: nn.Module) -> nn.Module:
     """Bake every mask into its layer in place: plain layers whose pruned weights are exactly 0."""
     layers = [layer for _, layer in masked_layers(model)]
-    with torch.no_grad():
-        effective = [layer.weight.detach().clone() for layer in layers]  # before any mask of a plan is gone
+    with torch.no_grad(), cached():  # every effective weight first (a shared plan reads all layers' scores)
+        effective = [layer.weight.detach().clone() for layer in layers]
     for layer, weight in zip(layers, effective):
-        _bake(layer)
-        layer.weight.data = weight
+        _bake(layer, weight)
     return model
 
 
