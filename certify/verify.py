@@ -1,23 +1,33 @@
-"""Verified accuracy under an L-inf budget from auto_LiRPA's IBP and CROWN bounds.
+"""Verified accuracy under an L-inf budget: a cascade of sound bounds (IBP, CROWN, alpha-CROWN) and, last, complete
+verification (MILP, :mod:`certprune.certify.milp`), which also finds counterexamples.
 
 An image counts as verified when a sound bound proves every margin ``logit_y - logit_j`` positive over the whole
 eps box (clipped to [0, 1]); that implies it is also classified correctly. Every bound is sound, so an image is
 verified when any requested method verifies it (``verified_acc``).
 
 Full CROWN costs far more than IBP (about 20 s per 256 MNIST images for ``cnn-small`` on 2 CPU cores, against
-0.1 s), so by default the methods run as a cascade, cheapest first, each only on the images that are classified
-correctly and still unverified. The first method's figure is then its own (``verified_acc_<method>``); a later
-one reports only the images it added (``verified_extra_<method>``). ``cascade=False`` runs every method on every
-image and reports ``verified_acc_<method>`` for each.
+0.1 s), alpha-CROWN more again and the MILP most, so the methods run as a cascade, cheapest first, each only on the
+images that are classified correctly and still undecided. The first method's figure is then its own
+(``verified_acc_<method>``); a later one reports only the images it added (``verified_extra_<method>``).
+``cascade=False`` (in :func:`verify`) runs every bound on every image and reports ``verified_acc_<method>`` for each.
+
+The gap between verified and true robust accuracy is the images no stage decides. The MILP closes it: each image it
+reaches ends verified, falsified (a counterexample, re-checked by a float forward pass) or unknown (its time limit).
+When no image is left unknown, :func:`evaluate` reports ``robust_acc_exact``.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from certprune import distributed
-from certprune.lirpa import METHODS, BoundedProxy
+from certprune.lirpa import METHODS, BoundedProxy, canonical_method
+from certprune.quantities import parse_eps
+
+STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # the cascade's order, cheapest first
 
 
 def _method_key(method: str) -> str:
@@ -41,17 +51,30 @@ def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, metho
     return result
 
 
+def _spelling(name) -> str:
+    try:
+        return "MILP" if str(name).upper() == "MILP" else canonical_method(name)
+    except ValueError:
+        return "?"
+
+
+def _canonical(methods, allowed) -> list[str]:
+    """The methods' canonical spellings (case-insensitive), or a ValueError naming the unknown ones."""
+    names = [_spelling(m) for m in methods]
+    unknown = [str(m) for m, name in zip(methods, names) if name not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown verification method {', '.join(unknown) or '(none)'}; "
+                         f"choose from {', '.join(allowed)}")
+    return names
+
+
 def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, methods=("IBP", "CROWN"),
                     batch_size: int = 256, cascade: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per image: classified correctly, and proven by each method (boolean vectors of ``len(x)``).
 
     Under torchrun each process bounds every world_size-th batch of images and the vectors are merged, so every
     process gets the single-process result."""
-    methods = [str(m).upper() for m in methods]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown verification method {', '.join(unknown) or '(none)'}; "
-                         f"choose from {', '.join(METHODS)}")
+    methods = _canonical(list(methods), METHODS)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     model.eval()
@@ -75,3 +98,117 @@ def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
             verified |= proven
     return (distributed.merge(correct, positions, n),
             {method: distributed.merge(proven, positions, n) for method, proven in by_method.items()})
+
+
+def _bound_stage(proxy, method, x, y, todo, eps, settings, state, keep_relu_bounds):
+    """One bound stage on the images ``todo``: per image, the margin bounds per class (kept, the best of every
+    stage) and, for CROWN when the MILP follows, the ReLU input bounds it computed on the way."""
+    batch = int(settings.batch_size)
+    for start in tqdm(range(0, len(todo), batch), desc=f"verify {method}", leave=False, disable=None):
+        index = todo[start:start + batch]
+        if keep_relu_bounds and method == "CROWN":
+            margins, relus = proxy.relu_input_bounds(x[index], y[index], eps, "CROWN")
+            for k, i in enumerate(index.tolist()):
+                state["relu"][i] = [(low[k], up[k]) for low, up in relus]
+        else:
+            margins = proxy.margin_lower_bounds(x[index], y[index], eps, method, iterations=settings.alpha_iterations,
+                                                lr=settings.alpha_lr)
+        margins = margins.float().cpu()
+        state["class_bounds"][index] = torch.maximum(state["class_bounds"][index], margins)
+        state["margin"][index] = torch.maximum(state["margin"][index], margins.min(1).values)
+        state["stage"][index[margins.min(1).values > 0]] = STAGES.index(method) + 1
+
+
+def _milp_stage(model, x, y, todo, eps, settings, state):
+    """The MILP on the images ``todo``, in chunks for the progress bar; CROWN's ReLU bounds where the cascade has
+    them (the MILP computes them otherwise)."""
+    from certprune.certify import milp  # scipy's MILP and the attack load only for complete verification
+
+    bar = tqdm(total=len(todo), desc="verify MILP", leave=False, disable=None)
+    counts = {"verified": 0, "falsified": 0, "unknown": 0}
+    for start in range(0, len(todo), 16):
+        index = todo[start:start + 16].tolist()
+        kept = [state["relu"].get(i) for i in index]
+        relu_bounds = None if any(k is None for k in kept) else [
+            tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1)) for layer in range(len(kept[0]))]
+        margins = state["class_bounds"][index] if relu_bounds is not None else None
+        for i, outcome in zip(index, milp.decide(model, x[index], y[index], eps, float(settings.timeout),
+                                                 relu_bounds, margins)):
+            state["seconds"][i] += outcome.seconds
+            state["margin"][i] = outcome.margin_lower_bound
+            if outcome.status == "verified":
+                state["stage"][i] = STAGES.index("MILP") + 1
+            elif outcome.status == "falsified":
+                state["falsified"][i] = True
+                state["counterexamples"][i] = outcome.counterexample.to(x.device, x.dtype)
+            counts[outcome.status] += 1
+            bar.update(1)
+            bar.set_postfix(counts)
+    bar.close()
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> dict:
+    """The evaluator: the cascade of ``settings.bound_methods`` (any of :data:`STAGES`, run in that order) at
+    ``settings.eps``; ``settings`` also gives ``batch_size``, ``timeout`` (seconds per image, MILP),
+    ``alpha_iterations`` and ``alpha_lr``. Figures are fractions of ``len(x)``; ``_per_image`` (one dict per image,
+    in the order of ``x``) and ``_counterexamples`` (falsified images' inputs, rows of ``_counterexample_index``)
+    are for the caller to pop. Under torchrun each process decides its share and every process gets all of it."""
+    eps = parse_eps(settings.eps)
+    methods = sorted(set(_canonical(list(settings.bound_methods), STAGES)), key=STAGES.index)
+    model.eval()
+    positions = distributed.shard(len(x), int(settings.batch_size))
+    n, x, y = len(x), x[positions], y[positions]
+    with torch.no_grad():
+        logits = torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]) if len(x) else torch.zeros(0, 1)
+    classes = logits.shape[1]
+    state = {"stage": torch.zeros(len(x), dtype=torch.long), "falsified": torch.zeros(len(x), dtype=torch.bool),
+             "margin": torch.full((len(x),), float("-inf")), "seconds": torch.zeros(len(x), dtype=torch.float64),
+             "class_bounds": torch.full((len(x), max(classes - 1, 1)), float("-inf")), "relu": {},
+             "counterexamples": torch.zeros_like(x)}
+    prediction, correct = logits.argmax(1).cpu(), (logits.argmax(1) == y).cpu()
+    proxy = BoundedProxy(model, x[:1]) if len(x) and any(m != "MILP" for m in methods) else None
+    figures: dict = {"eps": eps, "verify_method": "cascade " + "+".join(methods), "verified_examples": n}
+    for method in methods:
+        todo = torch.nonzero(correct & (state["stage"] == 0) & ~state["falsified"]).flatten()
+        started = time.perf_counter()
+        if method == "MILP":
+            _milp_stage(model, x, y, todo, eps, settings, state)
+        elif len(todo):
+            with torch.no_grad():
+                _bound_stage(proxy, method, x, y.to(x.device), todo, eps, settings, state, "MILP" in methods)
+        spent = time.perf_counter() - started
+        if method != "MILP" and len(todo):
+            state["seconds"][todo] += spent / len(todo)
+        figures[f"seconds_{_method_key(method)}"] = distributed.mean_across_ranks({"s": spent})["s"]
+    return _summary(figures, methods, state, correct, prediction, y, positions, n)
+
+
+def _summary(figures, methods, state, correct, prediction, y, positions, n) -> dict:
+    """Merge the ranks' shares and turn the per-image state into figures and records."""
+    merge = lambda values: distributed.merge(values, positions, n)  # noqa: E731
+    stage, falsified, correct = merge(state["stage"]), merge(state["falsified"]), merge(correct)
+    margin, seconds, prediction, label = (merge(state["margin"]), merge(state["seconds"]), merge(prediction),
+                                          merge(y.cpu()))
+    flat = state["counterexamples"].flatten(1)
+    if not isinstance(positions, slice):  # one exact merge of every pixel: positions of image p are p*D .. p*D+D-1
+        width = flat.shape[1]
+        flat = distributed.merge(flat.flatten(), (positions[:, None] * width + torch.arange(width)).flatten(),
+                                 n * width).view(n, width)
+    verified, frac = stage > 0, lambda mask: float(mask.float().mean()) if n else 0.0  # noqa: E731
+    unknown = correct & ~verified & ~falsified
+    figures.update(clean_acc=frac(correct), verified_acc=frac(verified), falsified_acc=frac(falsified),
+                   unknown_acc=frac(unknown), decided_fraction=1.0 - frac(unknown))
+    for position, method in enumerate(methods):
+        kind = "acc" if position == 0 else "extra"
+        figures[f"verified_{kind}_{_method_key(method)}"] = frac(stage == STAGES.index(method) + 1)
+    if not unknown.any():
+        figures["robust_acc_exact"] = figures["verified_acc"]
+    figures["_per_image"] = [
+        {"index": i, "label": int(label[i]), "prediction": int(prediction[i]),
+         "verified_by": STAGES[int(stage[i]) - 1] if stage[i] > 0 else "", "falsified": bool(falsified[i]),
+         "margin_lower_bound": float(margin[i]) if torch.isfinite(margin[i]) else None,
+         "seconds": float(seconds[i])} for i in range(n)]
+    index = torch.nonzero(falsified).flatten()
+    figures["_counterexamples"] = flat[index].view(len(index), *state["counterexamples"].shape[1:])
+    figures["_counterexample_index"] = index.tolist()
+    return figures
