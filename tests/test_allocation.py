@@ -1,4 +1,4 @@
-"""Specification of the layer allocations of the masked-layer core (certprune.masking: layerwise, global, erk, learned)."""
+"""Specification of the layer allocations of the masked-layer core: layerwise, global, erk, learned."""
 import copy
 import math
 

@@ -209,3 +209,11 @@ def test_masking_twice_or_nothing_is_an_error():
         masking.apply_masks(nn.Sequential(nn.ReLU()), 0.5)
     with pytest.raises(ValueError, match="masked model"):
         masking.set_phase(small_net(), "prune")
+
+
+def test_the_package_keeps_every_name_its_importers_use():
+    from certprune.masking import PHASES, TopKMask, check_k, num_kept  # noqa: F401  (cli, certify/smoothing)
+    model = masking.apply_masks(small_net(), 0.5)  # allocation defaults to layerwise, HYDRA's default
+    assert all(isinstance(masking.mask_of(layer), TopKMask) for _, layer in masking.masked_layers(model))
+    assert masking.allocation_counts(model) == {"0": (18, 36), "3": (504, 1008), "5": (11, 21)}
+    assert masking.rate_parameters(model) == []
