@@ -224,7 +224,8 @@ def verify_image(model: nn.Module, x: torch.Tensor, label: int, eps: float, time
             why = "timeout"
             break
         result = solve(prog, label, j, remaining)
-        dual = getattr(result, "mip_dual_bound", None)
+        dual = getattr(result, "mip_dual_bound", None)  # None when no ReLU is unstable: then an LP, exact when solved
+        dual = result.fun if dual is None and result.status == 0 and not prog.stats["binaries"] else dual
         if result.status in (0, 1) and dual is not None and np.isfinite(dual):
             proven[j] = max(proven[j], float(dual))
         if proven[j] > TOLERANCE:

@@ -140,6 +140,7 @@ def _milp_stage(model, x, y, todo, eps, settings, state):
                 state["stage"][i] = STAGES.index("MILP") + 1
             elif outcome.status == "falsified":
                 state["falsified"][i] = True
+                state["by_attack"][i] = outcome.stats.get("by") == "PGD"
                 state["counterexamples"][i] = outcome.counterexample.to(x.device, x.dtype)
             counts[outcome.status] += 1
             bar.update(1)
@@ -162,6 +163,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
         logits = torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]) if len(x) else torch.zeros(0, 1)
     classes = logits.shape[1]
     state = {"stage": torch.zeros(len(x), dtype=torch.long), "falsified": torch.zeros(len(x), dtype=torch.bool),
+             "by_attack": torch.zeros(len(x), dtype=torch.bool),
              "margin": torch.full((len(x),), float("-inf")), "seconds": torch.zeros(len(x), dtype=torch.float64),
              "class_bounds": torch.full((len(x), max(classes - 1, 1)), float("-inf")), "relu": {},
              "counterexamples": torch.zeros_like(x)}
@@ -187,6 +189,7 @@ def _summary(figures, methods, state, correct, prediction, y, positions, n) -> d
     """Merge the ranks' shares and turn the per-image state into figures and records."""
     merge = lambda values: distributed.merge(values, positions, n)  # noqa: E731
     stage, falsified, correct = merge(state["stage"]), merge(state["falsified"]), merge(correct)
+    by_attack = merge(state["by_attack"])
     margin, seconds, prediction, label = (merge(state["margin"]), merge(state["seconds"]), merge(prediction),
                                           merge(y.cpu()))
     flat = state["counterexamples"].flatten(1)
@@ -197,7 +200,8 @@ def _summary(figures, methods, state, correct, prediction, y, positions, n) -> d
     verified, frac = stage > 0, lambda mask: float(mask.float().mean()) if n else 0.0  # noqa: E731
     unknown = correct & ~verified & ~falsified
     figures.update(clean_acc=frac(correct), verified_acc=frac(verified), falsified_acc=frac(falsified),
-                   unknown_acc=frac(unknown), decided_fraction=1.0 - frac(unknown))
+                   unknown_acc=frac(unknown), decided_fraction=1.0 - frac(unknown),
+                   falsified_by_attack_acc=frac(by_attack))
     for position, method in enumerate(methods):
         kind = "acc" if position == 0 else "extra"
         figures[f"verified_{kind}_{_method_key(method)}"] = frac(stage == STAGES.index(method) + 1)
@@ -206,6 +210,7 @@ def _summary(figures, methods, state, correct, prediction, y, positions, n) -> d
     figures["_per_image"] = [
         {"index": i, "label": int(label[i]), "prediction": int(prediction[i]),
          "verified_by": STAGES[int(stage[i]) - 1] if stage[i] > 0 else "", "falsified": bool(falsified[i]),
+         "falsified_by": ("PGD" if by_attack[i] else "MILP") if falsified[i] else "",
          "margin_lower_bound": float(margin[i]) if torch.isfinite(margin[i]) else None,
          "seconds": float(seconds[i])} for i in range(n)]
     index = torch.nonzero(falsified).flatten()
