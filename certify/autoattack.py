@@ -91,7 +91,11 @@ def check_adversarial(x: torch.Tensor, x_adv: torch.Tensor, eps: float, norm: st
 def _used(adversary, version: str, norm: str, eps: float, batch_size: int, seed: int) -> dict[str, Any]:
     """The settings the attacks ran with, read back from the attack objects (not restated from the defaults)."""
     apgd, apgd_t, fab, square = adversary.apgd, adversary.apgd_targeted, adversary.fab, adversary.square
-    return {"attack": "autoattack", "package": PACKAGE, "package_version": importlib.metadata.version(PACKAGE),
+    try:
+        package_version = importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:  # the package's files without its metadata (a vendored copy)
+        package_version = "unknown"
+    return {"attack": "autoattack", "package": PACKAGE, "package_version": package_version,
             "version": version, "norm": norm, "eps": eps, "attacks": list(adversary.attacks_to_run),
             "apgd_ce": {"iterations": apgd.n_iter, "restarts": apgd.n_restarts, "rho": apgd.thr_decr},
             "apgd_t": {"iterations": apgd_t.n_iter, "restarts": apgd_t.n_restarts,
