@@ -132,8 +132,8 @@ def _milp_stage(model, x, y, todo, eps, settings, state):
         relu_bounds = None if any(k is None for k in kept) else [
             tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1)) for layer in range(len(kept[0]))]
         margins = state["class_bounds"][index] if relu_bounds is not None else None
-        for i, outcome in zip(index, milp.decide(model, x[index], y[index], eps, float(settings.timeout),
-                                                 relu_bounds, margins)):
+        for i, outcome in zip(index, milp.decide(model, x[index], y[index], eps, float(settings.timeout), relu_bounds,
+                                                 margins, getattr(settings, "milp_attack_steps", 20))):
             state["seconds"][i] += outcome.seconds
             state["margin"][i] = outcome.margin_lower_bound
             if outcome.status == "verified":
@@ -151,7 +151,8 @@ def _milp_stage(model, x, y, todo, eps, settings, state):
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> dict:
     """The evaluator: the cascade of ``settings.bound_methods`` (any of :data:`STAGES`, run in that order) at
     ``settings.eps``; ``settings`` also gives ``batch_size``, ``timeout`` (seconds per image, MILP),
-    ``alpha_iterations`` and ``alpha_lr``. Figures are fractions of ``len(x)``; ``_per_image`` (one dict per image,
+    ``alpha_iterations`` and ``alpha_lr`` (and optionally ``milp_attack_steps``, the PGD steps that try each image
+    before its MILP, 20; 0 for the MILP alone, as benchmarks/bench_milp.py --milp-only times it). Figures are fractions of ``len(x)``; ``_per_image`` (one dict per image,
     in the order of ``x``) and ``_counterexamples`` (falsified images' inputs, rows of ``_counterexample_index``)
     are for the caller to pop. Under torchrun each process decides its share and every process gets all of it."""
     eps = parse_eps(settings.eps)
