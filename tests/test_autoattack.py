@@ -82,11 +82,23 @@ def test_eps_fraction_strings_are_parsed():
     assert autoattack.evaluate(model, x, y, settings(eps="0/255"))["autoattack"]["eps"] == 0.0
 
 
-def test_misclassified_images_never_count_as_robust(short_budget):
-    model, x, y = tiny()
-    wrong = (y + 1) % 5
-    result = autoattack.evaluate(model, x, wrong, settings())
-    assert result["clean_acc"] == 0.0 and result["autoattack_acc"] == 0.0
+def test_an_image_counts_only_when_correct_clean_and_at_the_attack_point(monkeypatch):
+    """Image 0 is misclassified clean but classified correctly at the attack point; image 1 the reverse."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].weight[0, 0] = 1.0
+        model[1].bias.copy_(torch.tensor([-0.5, 0.0, -1.0, -1.0, -1.0]))  # class 0 iff pixel 0 > 0.5, else 1
+    x = torch.full((2, 1, 8, 8), 0.5)
+    x[0, 0, 0, 0], x[1, 0, 0, 0] = 0.52, 0.47
+    y = torch.tensor([1, 1])
+
+    def attack(self, x_orig, y_orig, **_):
+        return x_orig + torch.tensor([-0.05, 0.05]).view(2, 1, 1, 1) * (torch.arange(64) == 0).view(1, 1, 8, 8), y_orig
+
+    monkeypatch.setattr(package.AutoAttack, "run_standard_evaluation", attack)
+    result = autoattack.evaluate(model, x, y, settings(eps=0.05))
+    assert result["clean_acc"] == 0.5 and result["autoattack_acc"] == 0.0
 
 
 @pytest.mark.parametrize("field,value,message", [
