@@ -13,7 +13,7 @@ $(BIN)/certprune: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	# auto_LiRPA 0.3 pins torch<1.13: install it without its pins (certprune/lirpa_compat.py makes it run).
 	$(BIN)/pip install --quiet --no-deps auto-lirpa==0.3
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,attacks]"
 	touch $(BIN)/certprune
 
 install: $(BIN)/certprune
