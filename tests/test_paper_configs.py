@@ -22,6 +22,8 @@ import torch
 import yaml
 from scipy.io import savemat
 
+from certprune import load_run
+from certprune.augment import BatchAugment
 from certprune.config import load_config
 from certprune.pipeline import pretrain, prune
 from test_data_formats import CIFAR_FILES, tiny_images, write_cifar_batch
@@ -62,9 +64,8 @@ def tiny_overrides(raw: dict, data_dir: Path, quick: bool = False) -> dict:
         overrides["loss"] = {"steps": 1}
     if raw.get("attack") is not None:
         overrides["attack"] = {"max": 4, "steps": 2}
-    for section in ("smoothing", "certify"):  # the old name of the smoothing section is still read
-        if raw.get(section) is not None:
-            overrides[section] = {"max": 4, "n0": 8, "n": 32, "batch": 32, "skip": 1}
+    if raw.get("smoothing") is not None:
+        overrides["smoothing"] = {"max": 4, "n0": 8, "n": 32, "batch": 32, "skip": 1}
     return overrides
 
 
@@ -108,10 +109,22 @@ def test_every_paper_config_loads_with_the_papers_augmentation():
 
 
 @pytest.mark.parametrize("config_path", [selected(path) for path in CONFIGS])
-def test_a_paper_config_runs_every_phase_at_real_shapes(config_path, tmp_path):
+def test_a_paper_config_runs_every_phase_at_real_shapes(config_path, tmp_path, monkeypatch):
+    augmented = []  # the shape of every batch the training loop augments, before and after
+
+    def recorded(self, x, generator=None):
+        out = original(self, x, generator)
+        augmented.append((tuple(x.shape), tuple(out.shape), generator is not None))
+        return out
+
+    original = BatchAugment.__call__
+    monkeypatch.setattr(BatchAugment, "__call__", recorded)
     result = smoke_run(config_path, tmp_path, quick=not RUN_ALL)
     config = result["config"]
     assert config.augment == ["crop", "flip"]
+    batches = -(-config.train_examples // config.batch_size)
+    assert len(augmented) == 3 * batches  # every batch of pretrain, prune and finetune, once
+    assert all(before == after and before[1:] == (3, 32, 32) and seeded for before, after, seeded in augmented)
     assert result["dense"]["k"] == 1.0
     assert result["pruned"]["sparsity"] == pytest.approx(0.9, abs=0.01)  # k = 0.1 of every prunable layer
     history = (tmp_path / "hydra" / "history.csv").read_text().splitlines()
@@ -122,6 +135,4 @@ def test_a_paper_config_runs_every_phase_at_real_shapes(config_path, tmp_path):
     figures = repr(metrics) + repr(result["evaluation"])
     assert ("pgd_acc" in figures) if config.attack is not None else ("certified_acc" in figures)
     x = torch.rand(2, 3, 32, 32)
-    from certprune import load_run
-
     assert load_run(tmp_path / "hydra")(x).shape == (2, 10)
