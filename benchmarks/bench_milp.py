@@ -109,7 +109,7 @@ def main() -> None:
     data = load_dataset("mnist-embedded")
     x, y = data.test_x[args.skip:args.skip + args.images], data.test_y[args.skip:args.skip + args.images]
     bench = alpha_grid if args.alpha_grid else bench_run
-    results = {"device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
+    results = {"device": "cpu", "torch_threads": torch.get_num_threads(),  # models and images stay on the CPU
                "args": vars(args), "runs": []}
     for path in args.runs:  # written after each run, so a run cut short keeps the ones before it
         results["runs"].append(bench(path, x, y, args))

@@ -1,9 +1,14 @@
 """Specification of verified accuracy (certprune.certify.verify)."""
+import json
+import types
+
 import pytest
 import torch
 
-from certprune.certify.verify import verify
+from certprune.attacks import PGD
+from certprune.certify.verify import evaluate, verify
 from certprune.data import load_dataset
+from certprune.lirpa import BoundedProxy, margin_spec
 from certprune.losses import make_loss
 from certprune.models import create_model
 from certprune.train import fit
@@ -62,3 +67,41 @@ def test_bad_arguments(trained):
         verify(model, x, y, 0.1, ["LP"])
     with pytest.raises(ValueError, match="eps"):
         verify(model, x, y, -0.1)
+
+
+def settings(methods, eps=0.004):
+    return types.SimpleNamespace(eps=eps, bound_methods=methods, batch_size=16, timeout=5.0, alpha_iterations=5,
+                                 alpha_lr=0.5)
+
+
+def test_evaluate_agrees_with_verify_and_adds_alpha_crown(trained):
+    """The evaluator's IBP -> CROWN figures are verify()'s; alpha-CROWN only adds images, and without a complete
+    stage nothing is falsified, so robust accuracy is exact only if every correct image is verified."""
+    model, x, y = trained
+    x, y = x[:30], y[:30]
+    old = verify(model, x, y, 0.004, ["IBP", "CROWN"])
+    new = evaluate(model, x, y, settings(["ibp", "crown", "ALPHA-CROWN"]))
+    for key in ("clean_acc", "verified_acc_ibp", "verified_extra_crown"):
+        assert new[key] == pytest.approx(old[key])
+    assert new["verified_acc"] == pytest.approx(old["verified_acc"] + new["verified_extra_alpha_crown"])
+    assert new["falsified_acc"] == 0 and new["seconds_alpha_crown"] >= 0
+    assert new["unknown_acc"] == pytest.approx(new["clean_acc"] - new["verified_acc"])
+    assert ("robust_acc_exact" in new) == (new["unknown_acc"] == 0)
+    records = new.pop("_per_image")
+    assert [r["verified_by"] for r in records].count("alpha-CROWN") == round(30 * new["verified_extra_alpha_crown"])
+    json.dumps(records), json.dumps({k: v for k, v in new.items() if not k.startswith("_")})
+
+
+def test_alpha_crown_bounds_are_at_least_crowns_and_sound():
+    torch.manual_seed(0)
+    model = create_model("cnn-small", image_size=12).eval()
+    x, y = torch.rand(6, 1, 12, 12), torch.randint(0, 10, (6,))
+    proxy = BoundedProxy(model, x)
+    crown = proxy.margin_lower_bounds(x, y, 0.02, "CROWN")
+    alpha = proxy.margin_lower_bounds(x, y, 0.02, "alpha-CROWN", iterations=5, lr=0.5)
+    assert (alpha >= crown - 1e-5).all() and (alpha > crown + 1e-4).any()
+    attacked = PGD(0.02, steps=20, objective="margin").perturb(model, x, y)
+    with torch.no_grad():
+        logits = model(attacked)
+    margins = torch.einsum("bkc,bc->bk", margin_spec(y, 10), logits)  # logit_y - logit_j at the attacked point
+    assert (margins >= alpha - 1e-5).all()
