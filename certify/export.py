@@ -112,7 +112,8 @@ def onnx_model(model: nn.Module, sample: torch.Tensor):
     with eval_mode(plain), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
         try:
-            torch.onnx.export(plain, sample[:1].detach().cpu(), buffer, dynamo=False, opset_version=OPSET,
+            sample = sample[:1].detach().to(next(plain.parameters()).device)
+            torch.onnx.export(plain, sample, buffer, dynamo=False, opset_version=OPSET,
                               input_names=[INPUT], output_names=[OUTPUT], do_constant_folding=True,
                               dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
         except Exception as error:  # the exporter raises many types for an operator it cannot express

@@ -51,7 +51,8 @@ def onnx_logits(path, x):
                                                  ("resnet-18", {"in_channels": 1, "image_size": 8}, 16)])
 def test_onnxruntime_logits_equal_load_runs(tmp_path, mnist, name, kwargs, images):
     assert set(VERIFIABLE) <= {"cnn-small", "cnn-large", "cnn-7layer"}, "a new VERIFIABLE model needs a case here"
-    make_run(tmp_path / "run", name, k=0.1 if name in VERIFIABLE else None, **kwargs)
+    make_run(tmp_path / "run", name, k=0.1 if name in ("cnn-small", "cnn-large") else None, **kwargs)  # masking
+    # cnn-7layer's 13M weights would double the test's time; the zero-weight test below covers masked models
     model = runs.load_run(tmp_path / "run")
     if name in VERIFIABLE:  # MNIST test images (cnn-7layer costs 0.1 GMAC each on 2 CPU cores)
         x, y = mnist[0][:images], mnist[1][:images]
