@@ -196,7 +196,8 @@ def tightened_bounds(net: Network, lower: np.ndarray, upper: np.ndarray, relu_bo
         other = next(given, None)
         if other is not None and bounds:
             low, up = (torch.as_tensor(b).detach().cpu().double().reshape(-1).numpy() for b in other)
-            low, up = np.maximum(lower, low - WIDEN * (1 + np.abs(low))), np.minimum(upper, up + WIDEN * (1 + np.abs(up)))
+            low, up = low - WIDEN * (1 + np.abs(low)), up + WIDEN * (1 + np.abs(up))
+            low, up = np.maximum(lower, low), np.minimum(upper, up)
             crossed = low > up
             lower, upper = np.where(crossed, lower, low), np.where(crossed, upper, up)
             bounds[-1] = (lower, upper)
@@ -260,13 +261,11 @@ def check_counterexample(model: nn.Module, x: torch.Tensor, label: int, eps: flo
 
 def crown_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int = 64):
     """CROWN's ReLU input bounds ``[(lower, upper) (N, ...)]`` and margin lower bounds ``(N, classes-1)``."""
-    proxy, margins, relus = BoundedProxy(model, x[:1]), [], []
-    for start in range(0, len(x), batch_size):
-        margin, relu = proxy.relu_input_bounds(x[start:start + batch_size], y[start:start + batch_size], eps)
-        margins.append(margin)
-        relus.append(relu)
-    return [tuple(torch.cat([r[k][side] for r in relus]) for side in (0, 1)) for k in range(len(relus[0]))], \
-        torch.cat(margins)
+    proxy = BoundedProxy(model, x[:1])
+    parts = [proxy.relu_input_bounds(x[i:i + batch_size], y[i:i + batch_size], eps)
+             for i in range(0, len(x), batch_size)]
+    relus = [tuple(torch.cat([p[1][k][side] for p in parts]) for side in (0, 1)) for k in range(len(parts[0][1]))]
+    return relus, torch.cat([p[0] for p in parts])
 
 
 def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, time_limit: float = 10.0,
