@@ -16,7 +16,7 @@ from . import __version__
 from .config import AttackConfig, ConfigError, SmoothingConfig, VerifyConfig, load_config, parse_override
 from .data import DatasetNotFound
 from .logs import setup_logging
-from .runs import CONFIG_FILE, RunError, read_config
+from .runs import CONFIG_FILE, RunError, read_config, read_metrics
 from .train import TrainingDiverged
 
 USER_ERRORS = (ValueError, RunError, ConfigError, DatasetNotFound, TrainingDiverged, OSError)
@@ -146,8 +146,9 @@ def pretrain(out, resume, **options):
 
     config = build_config(**options, base=_resumed_config(out, resume))
     device = _start(config.device)
-    metrics = run(config, out, resume=resume)
-    _show({**metrics, "evaluations": evaluate_configured(out, config, device)})
+    run(config, out, resume=resume)
+    evaluate_configured(out, config, device)
+    _show(read_metrics(out))
 
 
 @main.command()
@@ -183,8 +184,9 @@ def prune(k, method, allocation, source, out, resume, **options):
             logging.getLogger("certprune").info("no --from given: pretraining the dense model into %s", source)
             run_pretrain(config, source, resume=True)
     out = out or f"runs/{method}-{config.loss_name}-k{k:g}"
-    metrics = run_prune(config, out, k, method, source, resume=resume)
-    _show({**metrics, "evaluations": evaluate_configured(out, config, device)})
+    run_prune(config, out, k, method, source, resume=resume)
+    evaluate_configured(out, config, device)
+    _show(read_metrics(out))
 
 
 def _evaluate(source, section, requested, device, restart=False):
@@ -293,7 +295,3 @@ def plot(sweep_dir, metric, out_path):
     from .report import plot_sweep
 
     click.echo(str(plot_sweep(Path(sweep_dir), metric, Path(out_path) if out_path else None)))
-
-
-if __name__ == "__main__":
-    main()

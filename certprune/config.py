@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt,
-                      ValidationError, model_validator)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
-from .quantities import check_alpha, check_k, check_sigma, parse_eps
+from .quantities import Alpha, Epochs, Eps, K, NonNegativeFloat, PositiveFloat, PositiveInt, Sigma
 
 log = logging.getLogger("certprune")
 
@@ -25,36 +24,6 @@ class ConfigError(ValueError):
     """A configuration cannot be used; the message names the key and says why in one line."""
 
 
-def _finite_positive(value: float) -> float:
-    if not (value > 0 and value != float("inf")):
-        raise ValueError("must be a finite number > 0")
-    return value
-
-
-def _positive_int(value: int) -> int:
-    if value <= 0:
-        raise ValueError("must be a whole number > 0")
-    return value
-
-
-def _epochs(value: int) -> int:
-    if value < 0:
-        raise ValueError("must be a whole number >= 0")
-    return value
-
-
-def _epsilon(value):
-    return value if value is None else parse_eps(value)
-
-
-Eps = Annotated[float | str, AfterValidator(_epsilon)]  # a number or a fraction such as "8/255", stored as a float
-K = Annotated[float, BeforeValidator(check_k)]
-Sigma = Annotated[float, BeforeValidator(check_sigma)]
-Alpha = Annotated[float, BeforeValidator(check_alpha)]
-PositiveInt = Annotated[StrictInt, AfterValidator(_positive_int)]
-Epochs = Annotated[StrictInt, AfterValidator(_epochs)]
-PositiveFloat = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_finite_positive)]
-NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 BOUND_METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN", "MILP")
 BOUND_LOSSES = ("ibp", "crown-ibp")
 PRETRAIN_RAMP = 0.4  # a bound loss pretrained without an eps ramp stays at chance: ramp over the first 40 %
@@ -87,6 +56,7 @@ class PruneConfig(PhaseConfig):
     """HYDRA's score phase; ``allocation`` says how the budget k is shared between layers (certprune.masking)."""
 
     allocation: str = "layerwise"
+    rate_lr: PositiveFloat = 1e-2  # the learned allocation's per-layer rates (their own learning rate)
 
 
 class ImageSelection(Section):

@@ -3,9 +3,10 @@
 Every evaluator is a function ``evaluate(model, x, y, settings) -> dict`` in :mod:`certprune.certify`. This driver
 selects the images (every ``skip``-th test image, at most ``max``), computes clean accuracy once per image set, and
 writes one record per evaluation into the run's ``metrics.json`` under ``evaluations``. A record says which images
-and which settings its figures cover. Its key is the section's name (``verify``, ``attack``, ``smoothing``) when the
-settings are the run's own config's, and otherwise names what differs, so a subset or another eps never replaces
-the run's own figures. Everything is checked, and the run directory locked, before the first image is evaluated.
+and which settings its figures cover, and its key is a function of those settings alone (the section's name and
+every setting that differs from the section's defaults, e.g. ``verify[max=20, eps=0.1]``). So a rerun of the same
+evaluation replaces its own record, and nothing else ever does: a subset or another eps is another key. Everything
+is checked, and the run directory locked, before the first image is evaluated.
 """
 from __future__ import annotations
 
@@ -59,15 +60,24 @@ def resolve_settings(config: Config, section: str, requested: dict[str, Any] | N
     return settings
 
 
-def record_key(config: Config, section: str, settings) -> str:
-    """``section`` for the run's own settings; otherwise ``section[what differs]``, e.g. ``verify[eps=0.01, max=32]``."""
-    own = resolve_settings(config, section) if getattr(config, section) is not None else SECTIONS[section]()
-    base, wanted = own.model_dump(mode="json"), settings.model_dump(mode="json")
-    if getattr(config, section) is not None and base == wanted:
-        return section
+def record_key(section: str, settings) -> str:
+    """``section[every setting that differs from the section's defaults]``; ``section`` alone for the defaults."""
+    defaults, wanted = SECTIONS[section]().model_dump(mode="json"), settings.model_dump(mode="json")
     changed = [f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}"
-               for key, value in wanted.items() if base.get(key) != value]
-    return f"{section}[{', '.join(changed) or 'defaults'}]"
+               for key, value in wanted.items() if defaults.get(key) != value]
+    return f"{section}[{', '.join(changed)}]" if changed else section
+
+
+def configured_keys(config: Config) -> dict[str, str]:
+    """The record key of each evaluation ``config`` asks for (what a sweep's table reads)."""
+    return {section: record_key(section, resolve_settings(config, section))
+            for section in SECTIONS if getattr(config, section) is not None}
+
+
+def configured_record(metrics: dict[str, Any], config: Config, section: str) -> dict[str, Any]:
+    """The record of ``section`` made with ``config``'s settings, or {} when the run has none."""
+    key = configured_keys(config).get(section)
+    return metrics.get("evaluations", {}).get(key, {}) if key else {}
 
 
 def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
@@ -79,18 +89,19 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None], device: torch.device | str = "cpu",
                  restart: bool = False, warn: Callable[[str], None] | None = None,
-                 data: Dataset | None = None) -> dict[str, dict[str, Any]]:
+                 data: Dataset | None = None, config: Config | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate a finished run: ``requests`` maps a section to settings on top of the run's own (``{}`` = the run's
-    own settings). ``data`` replaces the data set the run's config names (API callers with their own tensors).
+    own settings). ``config`` replaces the run's saved config as that base (a sweep evaluates with its own), and
+    ``data`` the data set it names (API callers with their own tensors).
     Returns the records written, by key. Rank 0 writes; under torchrun every rank evaluates its share.
     """
     model_path = resolve_model_path(source)
     run_dir = model_path.parent
-    config = read_config(run_dir) or Config()
+    config = config or read_config(run_dir) or Config()
     plans = []
     for section, requested in requests.items():
         settings = resolve_settings(config, section, requested)
-        plans.append((section, settings, record_key(config, section, settings)))
+        plans.append((section, settings, record_key(section, settings)))
     read_metrics(run_dir)  # a damaged metrics.json fails now, not after the evaluation
     check_writable(run_dir)
     with locked(run_dir, create=False) if distributed.is_main() else contextlib.nullcontext():
@@ -126,23 +137,20 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
 
 def evaluate_configured(run_dir: str | Path, config: Config, device: torch.device | str = "cpu",
                         sections: list[str] | None = None, data: Dataset | None = None) -> dict[str, Any]:
-    """The evaluations the run's config asks for (all, or ``sections`` of them), recorded under the section names:
-    the records the sweep's table reads."""
+    """The evaluations ``config`` asks for (all, or ``sections`` of them): the records a sweep's table reads."""
     wanted = [s for s in SECTIONS if getattr(config, s) is not None and (sections is None or s in sections)]
-    return evaluate_run(run_dir, {section: {} for section in wanted}, device, data=data) if wanted else {}
+    if not wanted:
+        return {}
+    records = evaluate_run(run_dir, {section: {} for section in wanted}, device, data=data, config=config)
+    keys = configured_keys(config)
+    return {section: records[keys[section]] for section in wanted}
 
 
 def missing_evaluations(run_dir: Path, config: Config) -> list[str]:
-    """The config's sections whose record is absent or was made with other settings (to be evaluated again)."""
+    """The sections of ``config`` whose record the run does not have yet (to be evaluated)."""
     stored = read_metrics(run_dir).get("evaluations", {})
-    missing = []
-    for section in SECTIONS:
-        if getattr(config, section) is None:
-            continue
-        settings = resolve_settings(config, section).model_dump(mode="json")
-        if stored.get(section, {}).get("settings") != settings:
-            missing.append(section)
-    return missing
+    return [section for section, key in configured_keys(config).items() if key not in stored]
 
 
-__all__ = ["EVALUATORS", "RunError", "evaluate_configured", "evaluate_run", "missing_evaluations", "select_images"]
+__all__ = ["EVALUATORS", "RunError", "configured_record", "evaluate_configured", "evaluate_run", "missing_evaluations",
+           "record_key", "select_images"]

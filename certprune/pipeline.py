@@ -37,7 +37,8 @@ log = logging.getLogger("certprune")
 
 
 def make_optimizer(params, phase: PhaseConfig) -> torch.optim.Optimizer:
-    params = list(params)
+    """``params``: tensors, or parameter groups (dicts) that may set their own ``lr``."""
+    params = [group for group in params if not isinstance(group, dict) or group["params"]]
     if not params:
         raise ValueError("nothing to train in this phase (no parameter requires grad)")
     if phase.optimizer == "adam":
@@ -123,7 +124,7 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
         masking.set_phase(model, phase, config.train_norm_in_prune)
         name, params = config.phase_loss(phase)
         loss = make_loss(name, **params)
-        optimizer = make_optimizer((p for p in model.parameters() if p.requires_grad), settings)
+        optimizer = make_optimizer(_parameter_groups(model, config), settings)
         scheduler = make_scheduler(optimizer, settings)
         generator = torch.Generator().manual_seed(config.seed * 1000 + index)
         start_epoch = 0
@@ -157,6 +158,15 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
     return {"train_seconds": seconds + time.perf_counter() - started}
 
 
+def _parameter_groups(model: nn.Module, config: Config) -> list[dict[str, Any]]:
+    """What trains in this phase; learned layer rates (allocation ``learned``) get ``prune.rate_lr``, since at the
+    scores' learning rate they barely move."""
+    rates = {id(p) for p in masking.rate_parameters(model)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trainable if id(p) not in rates]},
+            {"params": [p for p in trainable if id(p) in rates], "lr": config.prune.rate_lr}]
+
+
 def _augment(config: Config):
     if not config.augment:
         return None
@@ -180,8 +190,9 @@ def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[
             facts: dict[str, Any]) -> dict[str, Any]:
     """Save the final model and the run's facts; the checkpoint goes once both are written."""
     layers = {name: list(counts) for name, counts in masking.allocation_counts(model).items()}
-    metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset, "model": architecture["name"],
-               "loss": config.loss_name, "seed": config.seed, "seconds": facts.pop("train_seconds", 0.0)}
+    seconds = facts.pop("train_seconds", 0.0)
+    metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset,
+               "model": architecture["name"], "loss": config.loss_name, "seed": config.seed, "seconds": seconds}
     if distributed.is_main():
         save_model(model, run_dir / MODEL_FILE, architecture)
         write_metrics(run_dir, metrics)

@@ -1,13 +1,16 @@
-"""The scalar quantities of the field, each checked in one place: eps, k, sigma, alpha.
+"""The scalar quantities of the field, each checked in one place: eps, k, sigma, alpha, counts.
 
-Bottom of the import graph (no torch): the typed settings (:mod:`certprune.config`) use these at the boundary, and
-the few library entry points that are also called directly (losses, masks, attacks) use them too, so a Python
-user gets the same one-line message as a command-line user.
+Bottom of the import graph (no torch): the typed settings (:mod:`certprune.config`) are built from the types at the
+end of this file, and the few library entry points that are also called directly (losses, masks, attacks) use the
+checks too, so a Python user gets the same one-line message as a command-line user.
 """
 from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Annotated
+
+from pydantic import AfterValidator, BeforeValidator, Field, StrictInt
 
 
 def parse_eps(value, name: str = "eps") -> float:
@@ -17,7 +20,7 @@ def parse_eps(value, name: str = "eps") -> float:
     if isinstance(value, str):
         text = value.replace(" ", "")
         try:
-            number = float(Fraction(text))
+            number = float(text) if text.lower().lstrip("+-") in ("nan", "inf", "infinity") else float(Fraction(text))
         except ZeroDivisionError:
             raise ValueError(f"{name} {value!r} divides by zero") from None
         except ValueError:
@@ -63,3 +66,38 @@ def check_alpha(alpha) -> float:
     if not (0.0 < alpha < 1.0):
         raise ValueError(f"alpha must be in (0, 1) (the failure probability), got {alpha}")
     return alpha
+
+
+# ---- the same quantities as the settings' types (pydantic), one type per quantity --------------------------------
+
+
+def _finite_positive(value: float) -> float:
+    if not (value > 0 and value != float("inf")):
+        raise ValueError("must be a finite number > 0")
+    return value
+
+
+def _positive_int(value: int) -> int:
+    if value <= 0:
+        raise ValueError("must be a whole number > 0")
+    return value
+
+
+def _epochs(value: int) -> int:
+    if value < 0:
+        raise ValueError("must be a whole number >= 0")
+    return value
+
+
+def _epsilon(value):
+    return value if value is None else parse_eps(value)
+
+
+Eps = Annotated[float | str, AfterValidator(_epsilon)]  # a number or a fraction such as "8/255", stored as a float
+K = Annotated[float, BeforeValidator(check_k)]
+Sigma = Annotated[float, BeforeValidator(check_sigma)]
+Alpha = Annotated[float, BeforeValidator(check_alpha)]
+PositiveInt = Annotated[StrictInt, AfterValidator(_positive_int)]
+Epochs = Annotated[StrictInt, AfterValidator(_epochs)]
+PositiveFloat = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_finite_positive)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]

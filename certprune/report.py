@@ -12,17 +12,26 @@ from typing import Any
 
 from .atomic import atomic_write_text
 from .config import Config
-from .evaluation import SECTIONS
+from .evaluation import SECTIONS, configured_keys
 from .plots import is_fraction, plot_vs_radius, plot_vs_sparsity
 from .runs import RunError, evaluation, read_config, read_metrics
+
+
+def with_records(rows: list[dict[str, Any]], config: Config) -> list[dict[str, Any]]:
+    """Each run's metrics with ``records``: per section, the record made with ``config``'s settings (or {})."""
+    keys = configured_keys(config)
+    return [{**row, "records": {section: evaluation(row, key) for section, key in keys.items()}} for row in rows]
+
+
+def record(row: dict[str, Any], section: str | None) -> dict[str, Any]:
+    return row.get("records", {}).get(section, {}) if section else {}
 
 
 def figure(row: dict[str, Any], metric: str) -> tuple[str | None, Any]:
     """The section whose record holds ``metric`` (verify, smoothing, attack in that order) and its value."""
     for section in SECTIONS:
-        record = evaluation(row, section)
-        if metric in record:
-            return section, record[metric]
+        if metric in record(row, section):
+            return section, record(row, section)[metric]
     return (None, row[metric]) if metric in row else (None, None)
 
 
@@ -36,9 +45,9 @@ def _fmt(column: str, value: Any) -> str:
     return f"{100 * value:.1f}" if isinstance(value, float) else str(value)
 
 
-def describe(config: Config, section: str, record: dict[str, Any]) -> str:
+def describe(config: Config, section: str, made: dict[str, Any]) -> str:
     """One line saying what a section's figures cover: method, budget, images, seed."""
-    settings, images = record.get("settings", {}), record.get("images", {})
+    settings, images = made.get("settings", {}), made.get("images", {})
     covered = f"{images.get('count')} of {images.get('of')} test images" + (
         f" (every {images['skip']}th)" if images.get("skip", 1) > 1 else "")
     if section == "verify":
@@ -53,6 +62,7 @@ def describe(config: Config, section: str, record: dict[str, Any]) -> str:
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
+    rows = with_records(rows, config)
     metric = config.report_metric
     section = next((figure(r, metric)[0] for r in rows if figure(r, metric)[0]), None)
     columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *config.report_columns, "seconds"]
@@ -66,9 +76,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
              f"Accuracies and sparsity in %; `clean_acc` is on the images of `{metric}`'s evaluation; seconds are "
              "training plus evaluation per run. Each evaluation covers:", ""]
     for name in SECTIONS:
-        record = next((evaluation(r, name) for r in rows if evaluation(r, name)), None)
-        if record:
-            lines.append(describe(config, name, record))
+        made = next((record(r, name) for r in rows if record(r, name)), None)
+        if made:
+            lines.append(describe(config, name, made))
     seeds = sorted({row.get("seed") for row in rows})
     if len(seeds) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
@@ -81,7 +91,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     plot_rows = [{**row, metric: figure(row, metric)[1]} for row in rows]
     title = f"{config.model}, {config.dataset}: {metric}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
     plot_vs_sparsity(plot_rows, metric, out / "sparsity.png", title=title)
-    smoothing = [{**row, **evaluation(row, "smoothing")} for row in rows]
+    smoothing = [{**row, **record(row, "smoothing")} for row in rows]
     if any(isinstance(row.get("certified_acc"), dict) for row in smoothing):  # one figure per k
         for k in config.k:
             plot_vs_radius(smoothing, k, out / f"radius-k{k:g}.png",
@@ -95,7 +105,8 @@ def plot_sweep(sweep_dir: Path, metric: str | None, out_path: Path | None) -> Pa
         raise RunError(f"{sweep_dir} holds no finished runs")
     config = next((c for c in map(read_config, runs) if c is not None), None)
     metric = metric or (config.report_metric if config else "verified_acc")
-    rows = [{**row, metric: figure(row, metric)[1]} for row in map(read_metrics, runs)]
+    rows = with_records(list(map(read_metrics, runs)), config or Config())
+    rows = [{**row, metric: figure(row, metric)[1]} for row in rows]
     values = [row[metric] for row in rows if row[metric] is not None]
     if not values:
         raise RunError(f"no run in {sweep_dir} has the metric {metric!r}")
@@ -106,9 +117,9 @@ def plot_sweep(sweep_dir: Path, metric: str | None, out_path: Path | None) -> Pa
 
 def _value(row: dict[str, Any], column: str, section: str | None) -> Any:
     if column == "clean_acc":
-        return evaluation(row, section).get("clean_acc") if section else None
+        return record(row, section).get("clean_acc")
     if column == "seconds":
-        return row.get("seconds", 0.0) + sum(evaluation(row, s).get("seconds", 0.0) for s in SECTIONS)
+        return row.get("seconds", 0.0) + sum(record(row, s).get("seconds", 0.0) for s in SECTIONS)
     return figure(row, column)[1]
 
 

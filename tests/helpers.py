@@ -38,6 +38,13 @@ def interrupt_certify_after(monkeypatch, images):
     return calls
 
 
+def record_of(metrics, section):
+    """The one evaluation record of ``section`` in a run's metrics (its key names the settings it was made with)."""
+    found = [r for key, r in metrics.get("evaluations", {}).items() if key == section or key.startswith(section + "[")]
+    assert len(found) == 1, sorted(metrics.get("evaluations", {}))
+    return found[0]
+
+
 def run(*args):
     """``certprune ARGS`` in-process; ``result.output`` holds stdout and stderr, ``result.stdout`` stdout alone."""
     return CliRunner().invoke(main, [str(a) for a in args])

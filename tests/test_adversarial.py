@@ -11,7 +11,7 @@ from certprune.attacks import parse_eps
 from certprune.certify.attack import make_attack
 from certprune.config import load_config
 from certprune.data import Dataset
-from certprune.evaluation import evaluate_configured, resolve_settings
+from certprune.evaluation import configured_record, evaluate_configured, resolve_settings
 from certprune.losses import LOSSES, make_loss
 from certprune.losses.adversarial import PGDAdversarialLoss, TradesLoss
 from certprune.models import MODELS, create_model
@@ -142,7 +142,7 @@ def test_pipeline_trains_prunes_and_attacks_under_pgd(tmp_path):
     assert dense["images"]["count"] == len(data.test_x) and dense["settings"]["eps"] == 0.1
     pruned = prune(config, tmp_path / "hydra", 0.1, "hydra", tmp_path / "dense", data=data)
     attacked = evaluate_configured(tmp_path / "hydra", config, data=data)["attack"]
-    assert read_metrics(tmp_path / "hydra")["evaluations"]["attack"] == attacked
+    assert configured_record(read_metrics(tmp_path / "hydra"), config, "attack") == attacked
     assert pruned["sparsity"] >= 0.89
 
 

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from certprune import pipeline, runs
+from certprune.config import load_config
 from certprune.evaluation import evaluate_configured
 from certprune.runs import FORMAT
 from helpers import TINY, assert_one_line_error, run, tiny_config
@@ -51,7 +52,7 @@ def files(directory):
 ])
 def test_bad_training_input_fails_in_one_line_and_leaves_no_file(tmp_path, args, fragment):
     for command in (["pretrain"], ["sweep"]):
-        assert_one_line_error(run(*command, *args, "--out", tmp_path / "out", *FAST), fragment)
+        assert_one_line_error(run(*command, *FAST, *args, "--out", tmp_path / "out"), fragment)  # args win
         assert not (tmp_path / "out").exists()
 
 
@@ -85,7 +86,8 @@ def test_bad_evaluation_input_fails_before_any_work_and_changes_nothing(finished
 def test_verify_takes_the_fraction_eps_of_the_runs_config(finished):
     result = run("verify", "--from", finished, "--max", 8)
     assert result.exit_code == 0, result.output
-    record = json.loads((finished / "metrics.json").read_text())["evaluations"]["verify[max=8]"]
+    key = f"verify[max=8, eps={8 / 255}, bound_methods=IBP+CROWN-IBP]"
+    record = json.loads((finished / "metrics.json").read_text())["evaluations"][key]
     assert record["settings"]["eps"] == pytest.approx(8 / 255) and record["images"]["count"] == 8
 
 
@@ -102,7 +104,7 @@ def test_a_damaged_metrics_file_fails_before_the_evaluation(finished, tmp_path):
 def test_a_second_process_on_a_run_directory_is_refused_in_one_line(finished):
     with runs.locked(finished):
         assert_one_line_error(run("verify", "--from", finished, "--max", 4), "is in use by another certprune process")
-        assert_one_line_error(run("pretrain", "--out", finished, "--resume", *FAST), "in use by another")
+        assert_one_line_error(run("pretrain", "--out", finished, "--resume"), "in use by another")
 
 
 def test_malicious_and_foreign_checkpoints_say_why_without_suggesting_to_turn_safety_off(tmp_path):
@@ -134,9 +136,13 @@ def test_prune_refuses_a_model_that_is_not_the_sources(finished, tmp_path):
 
 
 def test_plot_of_a_metric_that_is_not_a_number_per_run(tmp_path):
-    (tmp_path / "run").mkdir()
+    from certprune.evaluation import configured_keys
+
+    config = load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "smoothing": {}, "verify": None}])
+    runs.write_config(tmp_path / "run", config)
+    key = configured_keys(config)["smoothing"]
     runs.write_metrics(tmp_path / "run", {"method": "dense", "sparsity": 0.0,
-                                          "evaluations": {"smoothing": {"certified_acc": {"0.5": 0.4}}}})
+                                          "evaluations": {key: {"certified_acc": {"0.5": 0.4}}}})
     assert_one_line_error(run("plot", tmp_path, "--metric", "certified_acc"), "plot one radius, e.g. certified_acc_0.5")
 
 

@@ -10,7 +10,7 @@ from certprune.runs import FORMAT
 from helpers import TINY
 
 
-from helpers import assert_one_line_error, run
+from helpers import assert_one_line_error, record_of, run
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +39,11 @@ def test_sweep_again_reuses_finished_runs(sweep_dir):
 
 def test_verify_on_a_subset_records_beside_the_runs_own_figures_never_over_them(sweep_dir):
     path = sweep_dir / "hydra-k0.1" / "metrics.json"
-    own = json.loads(path.read_text())["evaluations"]["verify"]
+    (own,) = json.loads(path.read_text())["evaluations"].values()
     result = run("verify", "--from", sweep_dir / "hydra-k0.1", "--eps", 0.01, "--method", "ibp", "--max", 32)
     assert result.exit_code == 0, result.output
     evaluations = json.loads(path.read_text())["evaluations"]
-    assert evaluations["verify"] == own  # the run's own record (64 images, eps 0.05) is untouched
+    assert evaluations["verify[max=64, eps=0.05, bound_methods=IBP+CROWN-IBP]"] == own  # untouched: 64 images
     subset = evaluations["verify[max=32, eps=0.01, bound_methods=IBP]"]
     assert subset["images"]["count"] == 32 and subset["settings"]["eps"] == 0.01
     assert subset["verified_acc"] <= subset["clean_acc"]
@@ -64,7 +64,7 @@ def test_prune_one_liner_with_from(sweep_dir, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == "hydra" and metrics["k"] == 0.05 and metrics["sparsity"] > 0.94
-    assert metrics["evaluations"]["verify"]["images"]["count"] == 16
+    assert record_of(metrics, "verify")["images"]["count"] == 16
 
 
 @pytest.mark.parametrize("k", ["0", "1.5", "-0.1", "nan", "abc"])

@@ -17,8 +17,7 @@ def run_dir(tmp_path):
     architecture = {"name": "cnn-small", "kwargs": {"in_channels": 1, "image_size": 28, "num_classes": 10}}
     torch.manual_seed(0)
     save_model(create_model("cnn-small"), run_dir / "model.pt", architecture)
-    write_config(load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "verify": None}]),
-                run_dir / "config.yaml")
+    write_config(run_dir, load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "verify": None}]))
     return run_dir
 
 
@@ -63,8 +62,8 @@ def test_certify_writes_the_tsv_and_the_summary_and_resumes_after_an_interruptio
     rows = (run_dir / "certify.tsv").read_text().splitlines()[1:]
     assert [int(row.split("\t")[0]) for row in rows] == [0, 1, 2, 3]
     records = json.loads((run_dir / "metrics.json").read_text())["evaluations"]
-    assert list(records) == ["smoothing[max=4, n0=10, n=50]"]  # the run's config has no smoothing section
-    metrics = records["smoothing[max=4, n0=10, n=50]"]
+    assert list(records) == ["smoothing[max=4, sigma=0.25, n0=10, n=50]"]  # named by the settings it was made with
+    metrics = records["smoothing[max=4, sigma=0.25, n0=10, n=50]"]
     assert metrics["images"]["count"] == 4 and metrics["settings"]["sigma"] == 0.25
     assert metrics["sigma"] == 0.25 and metrics["n"] == 50 and metrics["alpha"] == 0.001
     assert metrics["precision"] == "fp32" and metrics["seconds_per_image"] > 0

@@ -29,7 +29,8 @@ def test_naming_another_loss_replaces_the_loss_parameters():
     config = load_config(None, [{"loss": {"name": "natural"}}])
     assert config.loss == {"name": "natural"}
     config = load_config(None, [{"loss": {"eps": 0.3}}])
-    assert config.loss == {"name": "crown-ibp", "eps": 0.3}
+    assert config.loss == {"name": "crown-ibp", "eps": 0.3, "kappa_start": 1.0, "kappa_end": 0.0,
+                           "beta_start": 1.0, "beta_end": 0.0}
 
 
 def test_phase_loss_merges_the_phase_overrides():

@@ -76,7 +76,8 @@ def test_the_cli_reports_missing_cifar_and_svhn_files_in_one_line(tmp_path, data
         else:
             savemat(tmp_path / name, {"X": tiny_images(2, 0).transpose(1, 2, 3, 0), "y": np.ones((2, 1))})
     result = CliRunner().invoke(main, ["pretrain", "--dataset", dataset, "--data-dir", str(tmp_path),
-                                       "--out", str(tmp_path / "run"), "--model", "vgg16-bn", "--loss", "pgd"])
+                                       "--out", str(tmp_path / "run"), "--model", "vgg16-bn", "--loss", "pgd",
+                                       "--eps", "8/255"])
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and missing in lines[0]

@@ -17,7 +17,7 @@ def run_dir(tmp_path):
     run.mkdir()
     architecture = {"name": "cnn-small", "kwargs": {"in_channels": 1, "image_size": 28, "num_classes": 10}}
     save_model(create_model("cnn-small"), run / "model.pt", architecture)
-    write_config(load_config(overrides=[{"loss": {"name": "pgd", "eps": 0.1}}]), run / "config.yaml")
+    write_config(run, load_config(overrides=[{"loss": {"name": "pgd", "eps": 0.1}}]))
     write_metrics(run, {"method": "dense", "sparsity": 0.0})
     return run
 

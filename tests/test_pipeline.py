@@ -6,7 +6,7 @@ import torch
 
 from certprune import atomic, load_run, masking, pipeline
 from certprune.atomic import atomic_write_text
-from certprune.evaluation import evaluate_configured
+from certprune.evaluation import configured_record, evaluate_configured
 from certprune.runs import CHECKPOINT_FILE, FORMAT, RunError, safe_load
 from helpers import tiny_config
 
@@ -25,7 +25,8 @@ def test_pretrain_writes_a_complete_run_and_evaluation_records_what_it_covers(de
     metrics = json.loads((dense_run / "metrics.json").read_text())
     assert RUN_FACTS <= set(metrics)
     assert metrics["method"] == "dense" and metrics["k"] == 1.0 and metrics["sparsity"] == 0.0
-    record = metrics["evaluations"]["verify"]
+    record = configured_record(metrics, tiny_config(), "verify")
+    assert list(metrics["evaluations"]) == ["verify[max=64, eps=0.05, bound_methods=IBP+CROWN-IBP]"]
     assert record["verified_acc"] <= record["clean_acc"]
     assert record["images"] == {"set": "test", "count": 64, "of": 1500, "skip": 1, "first": 0, "last": 63}
     assert record["settings"]["eps"] == 0.05 and record["settings"]["bound_methods"] == ["IBP", "CROWN-IBP"]

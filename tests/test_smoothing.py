@@ -8,9 +8,11 @@ import torch
 from scipy.stats import beta, binom, binomtest, norm
 from torch import nn
 
+from certprune.certify import smoothing
 from certprune.certify.smoothing import ABSTAIN, Smooth, lower_confidence_bound, max_certifiable_radius
 from certprune.certify.smoothing_run import SigmaMismatchWarning, certify_run, summarize, training_sigmas
 from certprune.config import SmoothingConfig, load_config
+from certprune.evaluation import configured_record
 from certprune.losses import make_loss
 from certprune.models import MODELS
 from certprune.runs import RunError
@@ -321,7 +323,7 @@ def test_precision_is_part_of_what_a_resumed_file_must_match(tmp_path):
     del settings["precision"]
     sidecar.write_text(json.dumps(settings))
     assert certify_run(_tiny_model(), x, y, tmp_path, _settings(max=4), progress=False)["certified_examples"] == 4
-    with pytest.raises(ValueError, match="precision must be"):
+    with pytest.raises(ValueError, match="Input should be 'fp32' or 'bf16'"):  # the settings type refuses it
         certify_run(_tiny_model(), x, y, tmp_path / "other", _settings(precision="half"), progress=False)
 
 
@@ -375,7 +377,7 @@ def test_a_sweep_certifies_every_run_and_plots_certified_accuracy_against_radius
     rows = sweep(config, tmp_path)
     assert [row["run"] for row in rows] == ["dense", "hydra-k0.1", "lwm-k0.1"]
     for row in rows:
-        record = row["evaluations"]["smoothing"]
+        record = configured_record(row, config, "smoothing")
         assert record["sigma"] == record["train_sigma"] == 0.25 and record["certified_examples"] == 3
         assert record["images"]["count"] == 3 and record["settings"]["n"] == 50
         assert len(_lines(tmp_path / row["run"])) == 1 + 3
