@@ -8,6 +8,7 @@ effective tensors, from where autograd carries it on to scores (straight-through
 """
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -18,6 +19,8 @@ from .models import Normalize
 
 with warnings.catch_warnings():  # auto_LiRPA 0.3 uses APIs that torch 2 deprecates
     warnings.simplefilter("ignore")
+    warnings.showwarning = lambda *args, **kwargs: None  # its import resets the filters to "once" midway
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on every CPU run
     lirpa_compat.apply()
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
