@@ -85,7 +85,7 @@ def build_config(config_path, overrides, dataset=None, data_dir=None, model=None
 
 def _pretrain_cache_dir(config) -> Path:
     """Where ``prune`` without ``--from`` keeps the dense model it pretrains: keyed by what shapes that model."""
-    key = {name: value for name, value in config.training_dict().items() if name not in ("prune", "finetune")}
+    key = config.training_dict(dense=True)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return Path("runs") / "cache" / f"dense-{config.model}-{digest}"
 

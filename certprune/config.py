@@ -182,9 +182,11 @@ class Config(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def training_dict(self) -> dict[str, Any]:
-        """What shapes a trained model: every key but the evaluations, the device and the sweep's lists."""
-        return {key: value for key, value in self.to_dict().items() if key not in NOT_TRAINING}
+    def training_dict(self, dense: bool = False) -> dict[str, Any]:
+        """What shapes a trained model: every key but the evaluations, the device and the sweep's lists; for a
+        ``dense`` (pretrained) model not the pruning phases either, so sweeps of other allocations can share it."""
+        skip = NOT_TRAINING + (("prune", "finetune", "train_norm_in_prune") if dense else ())
+        return {key: value for key, value in self.to_dict().items() if key not in skip}
 
 
 def _check_allocation(allocation: str) -> None:

@@ -89,7 +89,8 @@ def _check_resumable(run_dir: Path, config: Config, identity: dict[str, Any], re
     stored = stored_identity(run_dir)
     if saved is None or not stored:
         raise RunError(f"{run_dir} has no config.yaml or {IDENTITY_FILE} to resume from")
-    changed = differences(stored, identity) + differences(saved.training_dict(), config.training_dict())
+    dense = identity.get("command") == "pretrain"
+    changed = differences(stored, identity) + differences(saved.training_dict(dense), config.training_dict(dense))
     if changed:
         raise RunError(f"{run_dir} was made with other settings ({'; '.join(changed[:3])}"
                        f"{'; ...' if len(changed) > 3 else ''}); resume with the run's own settings")

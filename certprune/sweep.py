@@ -28,11 +28,11 @@ def run_name(method: str, k: float | None, seed: int | None = None) -> str:
     return base if seed is None else f"{base}-s{seed}"
 
 
-def _check_reusable(run_dir: Path, config: Config) -> None:
+def _check_reusable(run_dir: Path, config: Config, dense: bool) -> None:
     saved = read_config(run_dir)
     if saved is None:
         return
-    changed = differences(saved.training_dict(), config.training_dict())
+    changed = differences(saved.training_dict(dense), config.training_dict(dense))
     if changed:
         raise RunError(f"{run_dir} was trained with other settings ({'; '.join(changed[:3])}); "
                        "sweep into another --out")
@@ -56,7 +56,7 @@ def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> 
         raise RunError(f"--from {source} holds no finished run")
     for seed, name, method, _ in plan:  # refuse before any training, not after hours of it
         if method != DENSE or source is None:
-            _check_reusable(out / name, configs[seed])
+            _check_reusable(out / name, configs[seed], dense=method == DENSE)
     data = load_data(config)
     device = resolve_device(config.device)
     rows = []
