@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import scipy.sparse as sp
@@ -291,10 +290,3 @@ def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, time_
         outcome.seconds += share
         outcomes.append(outcome)
     return outcomes
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> dict:
-    """The MILP stage alone as an evaluator: :func:`certprune.certify.verify.evaluate` with only "MILP"."""
-    from certprune.certify import verify
-
-    return verify.evaluate(model, x, y, SimpleNamespace(**{**vars(settings), "bound_methods": ["MILP"]}))

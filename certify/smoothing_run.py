@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from certprune import distributed
 from certprune.atomic import atomic_write_text
 from certprune.config import SmoothingConfig
+from certprune.data import select_images
 from certprune.devices import model_device
 from certprune.quantities import check_sigma
 from certprune.runs import RunError
@@ -64,11 +65,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def selected_indices(total: int, skip: int, maximum: int | None) -> list[int]:
-    """Every ``skip``-th test index from 0, at most ``maximum`` of them."""
-    return list(range(0, total, skip))[:maximum]
 
 
 def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
@@ -160,7 +156,7 @@ def certify_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, run_dir: str
     if len(x) != len(y):
         raise ValueError(f"{len(x)} inputs but {len(y)} labels")
     if indices is None:
-        indices = selected_indices(len(x), settings.skip, settings.max)
+        indices = select_images(len(x), settings.skip, settings.max)
         x, y = x[indices], y[indices]
     position = {index: place for place, index in enumerate(indices)}
     labels = dict(zip(indices, y.cpu().tolist()))

@@ -12,7 +12,6 @@ are taken with respect to the perturbation only (``torch.autograd.grad``), so no
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 

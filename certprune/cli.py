@@ -1,86 +1,21 @@
 """``certprune`` command line: each command is a few lines over the Python API; validation happens in the config."""
 from __future__ import annotations
 
-import functools
-import logging
 import hashlib
 import json
+import logging
 import signal
-import sys
 import warnings
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import AttackConfig, ConfigError, SmoothingConfig, VerifyConfig, load_config, parse_override
-from .data import DatasetNotFound
+from .cli_common import RESUME_HINT, build_config, default_help as _default, experiment_options, one_line_errors
+from .cli_export import export
+from .config import AttackConfig, SmoothingConfig, VerifyConfig
 from .logs import setup_logging
-from .runs import CONFIG_FILE, RunError, read_config, read_metrics
-from .train import TrainingDiverged
-
-USER_ERRORS = (ValueError, RunError, ConfigError, DatasetNotFound, TrainingDiverged, OSError)
-RESUME_HINT = "interrupted; the last finished epoch is checkpointed (rerun with --resume)"
-
-
-def _message(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def one_line_errors(interrupted: str):
-    """Expected failures become ``Error: <one line>`` with exit status 1, never a traceback; Ctrl-C (and SIGTERM)
-    print what was kept, ``interrupted``, and exit 130."""
-    def decorate(command):
-        @functools.wraps(command)
-        def wrapper(*args, **kwargs):
-            try:
-                return command(*args, **kwargs)
-            except USER_ERRORS as error:
-                raise click.ClickException(_message(error)) from None
-            except KeyboardInterrupt:
-                click.echo(interrupted, err=True)
-                sys.exit(130)
-        return wrapper
-    return decorate
-
-
-def experiment_options(command):
-    """Options shared by every command that trains: a config file and flags that override it."""
-    options = [
-        click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML experiment file."),
-        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                     help="Override any config key, e.g. --set prune.epochs=5 (repeatable)."),
-        click.option("--dataset", help="mnist-embedded (default), fashion-mnist, mnist, cifar10, svhn."),
-        click.option("--data-dir", type=click.Path(), help="Where the data set's files are."),
-        click.option("--model", help="Registered model name, e.g. cnn-small."),
-        click.option("--loss", help="Training loss, e.g. crown-ibp, ibp, natural."),
-        click.option("--eps", help="Perturbation budget of the loss (L-inf, pixel space): 0.1 or 8/255."),
-        click.option("--sigma", help="Gaussian noise level of a smoothing loss (gaussian, stability)."),
-        click.option("--seed", type=int),
-        click.option("--device", help="auto (default: CUDA if there is a GPU), cpu, cuda or cuda:<index>."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def build_config(config_path, overrides, dataset=None, data_dir=None, model=None, loss=None, eps=None, seed=None,
-                 sigma=None, device=None, base=None, extra=None, **_):
-    """The validated config: defaults (or a resumed run's own ``base`` config), the file, then every flag."""
-    updates = [base.to_dict()] if base is not None else []
-    if base is not None and config_path is not None:  # the file may only repeat the resumed run's settings
-        updates.append(load_config(config_path).to_dict())
-        config_path = None
-    updates += [parse_override(text) for text in overrides]
-    flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed, "device": device}
-    updates.append({key: value for key, value in flags.items() if value is not None})
-    loss_flags = {"name": loss, "eps": eps, "sigma": sigma}
-    updates.append({"loss": {key: value for key, value in loss_flags.items() if value is not None}})
-    updates += extra or []
-    return load_config(config_path, updates)
+from .runs import CONFIG_FILE, read_config, read_metrics
 
 
 def _pretrain_cache_dir(config) -> Path:
@@ -111,13 +46,6 @@ def _resumed_config(out, resume):
     """With ``--resume``, the run's own config is the base that flags may only repeat (the pipeline refuses a
     difference in one line)."""
     return read_config(out) if resume and out is not None and Path(out, CONFIG_FILE).is_file() else None
-
-
-def _default(section, name) -> str:
-    """A section's default as help text: the settings types hold the defaults, the CLI never restates them."""
-    field = section.model_fields[name]
-    value = field.default_factory() if field.default_factory else field.default
-    return f"[{'+'.join(map(str, value)) if isinstance(value, list) else value}]"
 
 
 def _raise_sigterm(signum, frame):
@@ -169,7 +97,9 @@ def prune(k, method, allocation, source, out, resume, **options):
     from .runs import load_model_file, resolve_model_path
 
     stored = stored_identity(out) if resume and out else {}
-    k = check_k(k if k is not None else stored.get("k", k))
+    if k is None and "k" not in stored:
+        raise ValueError("--k is required: the fraction of weights to keep, in (0, 1]")
+    k = check_k(k if k is not None else stored["k"])
     method = method or stored.get("method", "hydra")
     source = source or stored.get("source")
     extra = [{"prune": {"allocation": allocation}}] if allocation else []
@@ -248,7 +178,8 @@ def certify(source, sigma, n0, n, alpha, batch, precision, compile_model, skip, 
 
 @main.command()
 @SOURCE_OPTION
-@click.option("--attack", type=click.Choice(["pgd"]), default="pgd", show_default=True)
+@click.option("--attack", type=click.Choice(["pgd", "autoattack"]), default="pgd", show_default=True,
+              help="pgd, or the standard AutoAttack suite (pip install certprune[attacks]).")
 @click.option("--norm", type=click.Choice(["linf", "l2"]), help=_default(AttackConfig, "norm"))
 @click.option("--eps", help="Budget in pixel space, 0.1 or 8/255 [the run's attack.eps, else its training eps].")
 @click.option("--steps", type=int, help=_default(AttackConfig, "steps"))
@@ -262,10 +193,14 @@ def certify(source, sigma, n0, n, alpha, batch, precision, compile_model, skip, 
 @DEVICE_OPTION
 @one_line_errors(NOT_RECORDED)
 def evaluate(source, attack, norm, eps, steps, step_size, restarts, objective, max, skip, batch_size, seed, device):
-    """Clean and PGD (robust) accuracy of a run; recorded in its metrics.json with the images and settings."""
-    requested = {"norm": norm, "eps": eps, "steps": steps, "step_size": step_size, "restarts": restarts,
-                 "objective": objective, "max": max, "skip": skip, "batch_size": batch_size, "seed": seed}
-    _evaluate(source, "attack", requested, device)
+    """Clean and robust accuracy under PGD or AutoAttack; recorded in the run's metrics.json with images and settings."""
+    requested = {"norm": norm, "eps": eps, "max": max, "skip": skip, "batch_size": batch_size, "seed": seed}
+    pgd_only = {"steps": steps, "step_size": step_size, "restarts": restarts, "objective": objective}
+    if attack == "autoattack" and any(value is not None for value in pgd_only.values()):
+        raise ValueError(f"--{next(k for k, v in pgd_only.items() if v is not None).replace('_', '-')} "
+                               "is a PGD setting; AutoAttack's standard suite fixes its own")
+    _evaluate(source, "attack" if attack == "pgd" else "autoattack", {**requested, **pgd_only}
+              if attack == "pgd" else requested, device)
 
 
 @main.command()
@@ -283,6 +218,9 @@ def sweep(out, source, **options):
     run_sweep(config, out, source)
     if is_main():
         click.echo(Path(out, "results.md").read_text())
+
+
+main.add_command(export)
 
 
 @main.command()

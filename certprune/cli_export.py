@@ -1,8 +1,7 @@
 """``certprune export``: a run as ONNX + VNN-LIB for external verifiers (:mod:`certprune.certify.export`).
 
-A standalone click command, attached to the main group with ``main.add_command(export)``. It does not import
-:mod:`certprune.cli`, so ``cli`` can import it at its top without an import cycle; hence its own small one-line
-error wrapper, the same rule as the CLI's: expected failures print ``Error: <one line>``, never a traceback.
+A click command of its own file, attached to the main group with ``main.add_command(export)``; it shares the
+CLI's one-line errors (:mod:`certprune.cli_common`).
 """
 from __future__ import annotations
 
@@ -10,12 +9,7 @@ import json
 
 import click
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DatasetNotFound
-    from .runs import RunError
-
-    return ValueError, RunError, DatasetNotFound, FileNotFoundError
+from .cli_common import one_line_errors
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,14 +20,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @click.option("--skip", type=int, default=1, show_default=True, help="Export every skip-th test image.")
 @click.option("--timeout", type=float, default=300.0, show_default=True,
               help="Seconds per instance, written into instances.csv.")
+@one_line_errors("interrupted; the files written so far are whole, rerun to replace them")
 def export(source, out_dir, eps, max_examples, skip, timeout):
     """Write DIR/model.onnx, DIR/vnnlib/prop_<index>.vnnlib (one robustness property per test image),
     DIR/instances.csv and DIR/README.md: a VNN-COMP style benchmark of the run for complete verifiers."""
     from .certify.export import export_saved_run
 
-    try:
-        summary = export_saved_run(source, out_dir, eps, max_examples, skip, timeout)
-    except _user_errors() as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise click.ClickException(message) from None
+    summary = export_saved_run(source, out_dir, eps, max_examples, skip, timeout)
     click.echo(json.dumps(summary, indent=2, sort_keys=True))

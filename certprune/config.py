@@ -15,13 +15,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
-from .quantities import Alpha, Epochs, Eps, K, NonNegativeFloat, PositiveFloat, PositiveInt, Sigma
+from .overrides import EVALUATION_SECTIONS, ConfigError, merge, parse_override, renamed  # noqa: F401  (parse_override: the API's)
+from .quantities import Alpha, Epochs, Eps, K, NonNegativeFloat, PositiveFloat, PositiveInt, Sigma, parse_eps
 
 log = logging.getLogger("certprune")
-
-
-class ConfigError(ValueError):
-    """A configuration cannot be used; the message names the key and says why in one line."""
 
 
 BOUND_METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN", "MILP")
@@ -34,6 +31,12 @@ def _bound_method(name: str) -> str:
         if str(name).lower() == method.lower():
             return method
     raise ValueError(f"unknown bound method {name!r}; choose from {', '.join(BOUND_METHODS)}")
+
+
+def _unique(values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"lists each value once, got {values}")
+    return values
 
 
 class Section(BaseModel):
@@ -74,8 +77,9 @@ class VerifyConfig(ImageSelection):
         default_factory=lambda: ["IBP", "CROWN"], min_length=1)
     batch_size: PositiveInt = 256
     timeout: PositiveFloat = 10.0  # seconds per image of the complete (MILP) stage
-    alpha_iterations: PositiveInt = 20
+    alpha_iterations: PositiveInt = 10  # alpha-CROWN's steps and lr, measured in certprune/lirpa.py
     alpha_lr: PositiveFloat = 0.5
+    milp_attack_steps: Annotated[StrictInt, Field(ge=0)] = 20  # PGD before each MILP (0: the MILP alone)
 
 
 class SmoothingConfig(ImageSelection):
@@ -105,17 +109,24 @@ class AttackConfig(ImageSelection):
     norm: Literal["linf", "l2"] = "linf"
     eps: Eps | None = None
     steps: PositiveInt = 50
-    step_size: Eps | None = None
+    step_size: Annotated[Eps, Field(gt=0)] | None = None
     restarts: PositiveInt = 1
     objective: Literal["ce", "margin"] = "ce"
     batch_size: PositiveInt = 500
     seed: StrictInt | None = None  # of the random starts; None: the run's seed
 
 
-EVALUATION_SECTIONS = ("verify", "smoothing", "attack")
+class AutoAttackConfig(ImageSelection):
+    """AutoAttack (Croce and Hein 2020, the standard suite) of the final model: ``autoattack_acc``."""
+
+    norm: Literal["linf", "l2"] = "linf"
+    eps: Eps | None = None
+    version: Literal["standard", "plus"] = "standard"
+    batch_size: PositiveInt = 500
+    seed: StrictInt | None = None  # None: the run's seed
+
+
 NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "seeds", "prune_methods", "report_metric", "report_columns")
-_RENAMED = {"methods": "prune_methods", "certify": "smoothing"}
-_RENAMED_IN_SECTION = {"methods": "bound_methods", "max_examples": "max"}
 
 
 class Config(Section):
@@ -133,12 +144,14 @@ class Config(Section):
     prune: PruneConfig = Field(default_factory=lambda: PruneConfig(epochs=8, lr=3e-4))
     finetune: PhaseConfig = Field(default_factory=lambda: PhaseConfig(epochs=8, lr=1e-3))
     train_norm_in_prune: StrictBool = True
-    k: list[K] = Field(default_factory=lambda: [0.1, 0.05, 0.01], min_length=1)
-    seeds: list[Annotated[StrictInt, Field(ge=0)]] | None = None  # a sweep's seeds (each run gets one as its seed)
-    prune_methods: list[Literal["hydra", "lwm"]] = Field(default_factory=lambda: ["hydra", "lwm"], min_length=1)
+    k: Annotated[list[K], AfterValidator(_unique)] = Field(default_factory=lambda: [0.1, 0.05, 0.01], min_length=1)
+    seeds: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, min_length=1)  # a sweep's, one per run
+    prune_methods: Annotated[list[Literal["hydra", "lwm"]], AfterValidator(_unique)] = Field(
+        default_factory=lambda: ["hydra", "lwm"], min_length=1)
     verify: VerifyConfig | None = Field(default_factory=VerifyConfig)
     smoothing: SmoothingConfig | None = None
     attack: AttackConfig | None = None
+    autoattack: AutoAttackConfig | None = None
     report_metric: str = "verified_acc"  # the metric of results.md's main column and of sparsity.png
     report_columns: list[str] = Field(default_factory=lambda: ["verified_acc_ibp", "verified_extra_crown"])
 
@@ -154,12 +167,21 @@ class Config(Section):
             raise ValueError(f"model: unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
         if not isinstance(self.loss.get("name"), str):
             raise ValueError("loss: needs a name, e.g. loss.name=crown-ibp")
+        self.loss = _numeric_budgets(self.loss)
+        for phase in ("pretrain", "prune", "finetune"):
+            getattr(self, phase).loss = _numeric_budgets(getattr(self, phase).loss)
         for phase in ("pretrain", "prune", "finetune"):
             name, params = self.phase_loss(phase)
             try:
                 check_loss(name, params)
             except ValueError as error:  # name the phase only where its own override may be the cause
                 raise ValueError(f"{phase}.loss: {error}" if getattr(self, phase).loss else str(error)) from None
+        for section in ("verify", "attack", "autoattack"):
+            if getattr(self, section) is not None and getattr(self, section).eps is None and "eps" not in self.loss:
+                raise ValueError(f"{section} needs an eps: the loss {self.loss_name!r} has none "
+                                 f"(set {section}.eps, or {section}=null)")
+        if self.smoothing is not None and self.smoothing.sigma is None and "sigma" not in self.loss:
+            raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma)")
         _check_allocation(self.prune.allocation)
         _check_augment(self.augment, self.dataset)
         return self
@@ -189,6 +211,14 @@ class Config(Section):
         return {key: value for key, value in self.to_dict().items() if key not in skip}
 
 
+def _numeric_budgets(loss: dict[str, Any]) -> dict[str, Any]:
+    """A loss's eps ("8/255" too) and sigma as the numbers they mean, so every record states one form."""
+    loss = dict(loss)
+    if isinstance(loss.get("eps"), str):
+        loss["eps"] = parse_eps(loss["eps"])
+    return loss
+
+
 def _check_allocation(allocation: str) -> None:
     from . import masking
 
@@ -205,55 +235,6 @@ def _check_augment(names: list[str], dataset: str) -> None:
     except ImportError:
         raise ValueError("augment: this build has no augmentation") from None
     make_augment(names, dataset)
-
-
-def _renamed(data: Any, where: str) -> Any:
-    """Old key names still load, with a warning: ``methods`` -> ``prune_methods``, ``certify`` -> ``smoothing``,
-    a section's ``methods`` -> ``bound_methods`` and ``max_examples`` -> ``max``."""
-    if not isinstance(data, dict):
-        return data
-    data = dict(data)
-    for old, new in _RENAMED.items():
-        if old in data:
-            log.warning("config key %r is now %r (%s)", old, new, where)
-            data[new] = data.pop(old)
-    for section in EVALUATION_SECTIONS:
-        if isinstance(data.get(section), dict):
-            inner = dict(data[section])
-            for old, new in _RENAMED_IN_SECTION.items():
-                if old in inner:
-                    log.warning("config key %s.%s is now %s.%s (%s)", section, old, section, new, where)
-                    inner[new] = inner.pop(old)
-            data[section] = inner
-    if "report_note" in data:
-        log.warning("config key 'report_note' is ignored (%s): results.md now states every setting itself", where)
-        data.pop("report_note")
-    return data
-
-
-def _merge(base: dict, update: dict) -> dict:
-    """Recursive update; a mapping that names a different ``name`` (another loss) replaces the old one whole."""
-    if "name" in update and update["name"] != base.get("name"):
-        return dict(update)
-    merged = dict(base)
-    for key, value in update.items():
-        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both else value
-    return merged
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """``"prune.epochs=5"`` -> ``{"prune": {"epochs": 5}}``; the value is parsed as YAML (numbers, lists, null)."""
-    if "=" not in text or not text.split("=", 1)[0].strip():
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    dotted, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
-    for key in reversed(dotted.strip().split(".")):
-        value = {key: value}
-    return value
 
 
 def _one_line(error: ValidationError) -> str:
@@ -288,9 +269,9 @@ def load_config(path: str | Path | None = None, overrides: list[dict[str, Any]] 
             raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
-        data = _merge(data, _renamed(loaded, str(path)))
+        data = merge(data, renamed(loaded, str(path)))
     for override in overrides or []:
-        data = _merge(data, _renamed(override, "override"))
+        data = merge(data, renamed(override, "override"))
     return validate(data)
 
 

@@ -172,6 +172,11 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
     return DATASETS[name](Path(data_dir) if data_dir is not None else None)
 
 
+def select_images(total: int, skip: int, maximum: int | None) -> list[int]:
+    """Every ``skip``-th test index from 0, at most ``maximum`` of them: the one rule for every evaluation."""
+    return list(range(0, total, skip))[:maximum]
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
             generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of in-memory tensors (a DataLoader's workers would only add overhead here).

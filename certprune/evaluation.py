@@ -21,21 +21,19 @@ import torch
 from torch import nn
 
 from . import distributed
-from .certify import attack, smoothing_run, verify
-from .config import AttackConfig, Config, ConfigError, SmoothingConfig, VerifyConfig, validate
-from .data import Dataset, load_dataset
+from .atomic import atomic_torch_save, atomic_write_text
+from .certify import attack, autoattack, smoothing_run, verify
+from .config import AttackConfig, AutoAttackConfig, Config, ConfigError, SmoothingConfig, VerifyConfig, validate
+from .data import Dataset, load_dataset, select_images
 from .runs import (RunError, check_writable, load_run, locked, read_config, read_metrics,
                    record_evaluation, resolve_model_path)
 
 log = logging.getLogger("certprune")
-EVALUATORS = {"verify": verify, "smoothing": smoothing_run, "attack": attack}  # each module's evaluate()
-SECTIONS = {"verify": VerifyConfig, "smoothing": SmoothingConfig, "attack": AttackConfig}
+EVALUATORS = {"verify": verify, "smoothing": smoothing_run, "attack": attack,  # each module's evaluate()
+              "autoattack": autoattack}
+SECTIONS = {"verify": VerifyConfig, "smoothing": SmoothingConfig, "attack": AttackConfig,
+            "autoattack": AutoAttackConfig}
 IMAGE_KEYS = ("skip", "max")
-
-
-def select_images(total: int, skip: int, maximum: int | None) -> list[int]:
-    """Every ``skip``-th test index from 0, at most ``maximum`` of them: the one rule for every evaluation."""
-    return list(range(0, total, skip))[:maximum]
 
 
 def describe_images(indices: list[int], total: int, skip: int) -> dict[str, Any]:
@@ -50,7 +48,7 @@ def resolve_settings(config: Config, section: str, requested: dict[str, Any] | N
     base = own.model_dump() if own is not None else SECTIONS[section]().model_dump()
     merged = {**base, **{key: value for key, value in (requested or {}).items() if value is not None}}
     settings = getattr(validate({**config.to_dict(), section: merged}), section)
-    if section in ("verify", "attack") and settings.eps is None:
+    if section in ("verify", "attack", "autoattack") and settings.eps is None:
         if config.loss.get("eps") is None:
             raise ConfigError(f"{section} needs an eps: the run's loss {config.loss_name!r} has none (pass --eps)")
         settings = settings.model_copy(update={"eps": config.loss["eps"]})
@@ -130,9 +128,27 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
                       **{name: value for name, value in figures.items() if not name.startswith("_")},
                       "seconds": time.perf_counter() - started}
             if distributed.is_main():
+                _write_per_image(run_dir, key, figures, indices)
                 record_evaluation(run_dir, key, record)
             records[key] = record
     return records
+
+
+def _write_per_image(run_dir: Path, key: str, figures: dict[str, Any], indices: list[int]) -> None:
+    """A verification's verdict per image (``verify-<key>.tsv``: index label prediction verified_by falsified
+    margin_lower_bound seconds, test-set indices) and its counterexamples (``counterexamples-<key>.pt``, each
+    re-checked by a forward pass before it was counted)."""
+    name = key.replace("/", "_").replace(" ", "")
+    rows = figures.get("_per_image")
+    if rows:
+        columns = ("index", "label", "prediction", "verified_by", "falsified", "margin_lower_bound", "seconds")
+        lines = ["\t".join(columns)] + ["\t".join(str({**row, "index": indices[row["index"]]}.get(c, ""))
+                                                    for c in columns) for row in rows]
+        atomic_write_text(run_dir / f"verify-{name}.tsv", "\n".join(lines) + "\n")
+    found = figures.get("_counterexamples")
+    if found is not None and len(found):
+        where = [indices[int(i)] for i in figures.get("_counterexample_index", [])]
+        atomic_torch_save({"inputs": found.cpu(), "index": torch.tensor(where)}, run_dir / f"counterexamples-{name}.pt")
 
 
 def evaluate_configured(run_dir: str | Path, config: Config, device: torch.device | str = "cpu",

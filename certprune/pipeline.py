@@ -241,13 +241,16 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
     k = masking.check_k(k)
     if method not in PRUNE_METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNE_METHODS)}")
-    identity = {"command": "prune", "method": method, "k": k, "source": str(source)}
+    identity = {"command": "prune", "method": method, "k": k, "source": str(Path(source).resolve())}
 
     def build():
         device = resolve_device(config.device)
         model, architecture = load_model_file(resolve_model_path(source))
         if architecture["name"] != config.model:
             raise RunError(f"{source} holds a {architecture['name']} model, but the config asks for {config.model}")
+        trained = read_config(resolve_model_path(source).parent)
+        if trained is not None and (trained.dataset, trained.data_dir) != (config.dataset, config.data_dir):
+            raise RunError(f"{source} was trained on {trained.dataset}, but the config prunes on {config.dataset}")
         loaded = data_on(data or load_data(config), device)
         if architecture["kwargs"] != loaded.shape():
             raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, "

@@ -41,6 +41,9 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
         if by_k:  # one point per k: the mean over seeds, the sample standard deviation as an error bar
             points = sorted((statistics.mean(s for s, _ in group), [scale * v for _, v in group])
                             for group in by_k.values())
+            for group in by_k.values():  # every seed's own point, under the mean
+                axis.scatter([100 * s for s, _ in group], [scale * v for _, v in group], s=10, alpha=0.35,
+                             color=COLORS[method])
             axis.errorbar([100 * s for s, _ in points], [statistics.mean(v) for _, v in points],
                           yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], fmt="o-",
                           capsize=3, color=COLORS[method], label=method.upper())

@@ -1,6 +1,6 @@
 """The scalar quantities of the field, each checked in one place: eps, k, sigma, alpha, counts.
 
-Bottom of the import graph (no torch): the typed settings (:mod:`certprune.config`) are built from the types at the
+Bottom of the import graph (this module itself needs no torch): the typed settings (:mod:`certprune.config`) are built from the types at the
 end of this file, and the few library entry points that are also called directly (losses, masks, attacks) use the
 checks too, so a Python user gets the same one-line message as a command-line user.
 """
@@ -23,6 +23,8 @@ def parse_eps(value, name: str = "eps") -> float:
             number = float(text) if text.lower().lstrip("+-") in ("nan", "inf", "infinity") else float(Fraction(text))
         except ZeroDivisionError:
             raise ValueError(f"{name} {value!r} divides by zero") from None
+        except OverflowError:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
         except ValueError:
             raise ValueError(f"{name} must be a number or a fraction like 8/255, got {value!r}") from None
     else:
@@ -89,11 +91,7 @@ def _epochs(value: int) -> int:
     return value
 
 
-def _epsilon(value):
-    return value if value is None else parse_eps(value)
-
-
-Eps = Annotated[float | str, AfterValidator(_epsilon)]  # a number or a fraction such as "8/255", stored as a float
+Eps = Annotated[float, BeforeValidator(parse_eps)]  # a number or a fraction such as "8/255", stored as a float
 K = Annotated[float, BeforeValidator(check_k)]
 Sigma = Annotated[float, BeforeValidator(check_sigma)]
 Alpha = Annotated[float, BeforeValidator(check_alpha)]

@@ -6,6 +6,7 @@ the mean and the sample standard deviation over seeds, and the plot draws them a
 """
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def _fmt(column: str, value: Any) -> str:
         return f"{value:.0f}"
     if column == "k":
         return f"{value:g}"
-    return f"{100 * value:.1f}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if is_fraction(column) or column == "sparsity" else f"{value:.4g}"
+    return str(value)
 
 
 def describe(config: Config, section: str, made: dict[str, Any]) -> str:
@@ -88,8 +91,12 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     for row in rows:
         lines.append("| " + " | ".join(_fmt(column, _value(row, column, section)) for column in columns) + " |")
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / "summary.json",
+                      json.dumps(summary(rows, section, metric, config.prune.allocation), indent=2) + "\n")
     plot_rows = [{**row, metric: figure(row, metric)[1]} for row in rows]
-    title = f"{config.model}, {config.dataset}: {metric}" + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
+    made = next((record(r, section) for r in rows if record(r, section)), {})
+    covered = _covers(section, made)
+    title = f"{config.model}, {config.dataset}: {metric}{covered}" + (f", {len(seeds)} seeds" if len(seeds) > 1 else "")
     plot_vs_sparsity(plot_rows, metric, out / "sparsity.png", title=title)
     smoothing = [{**row, **record(row, "smoothing")} for row in rows]
     if any(isinstance(row.get("certified_acc"), dict) for row in smoothing):  # one figure per k
@@ -115,6 +122,16 @@ def plot_sweep(sweep_dir: Path, metric: str | None, out_path: Path | None) -> Pa
     return plot_vs_sparsity(rows, metric, out_path or sweep_dir / "sparsity.png")
 
 
+def _covers(section: str | None, made: dict[str, Any]) -> str:
+    """A plot title's short statement of a record's budget, method and images."""
+    if not made:
+        return ""
+    settings, images = made.get("settings", {}), made.get("images", {})
+    budget = f"eps {settings['eps']:.4g}" if settings.get("eps") is not None else f"sigma {settings.get('sigma')}"
+    method = "+".join(settings.get("bound_methods", [])) or section
+    return f"\n{method}, {budget}, {images.get('count')} of {images.get('of')} test images"
+
+
 def _value(row: dict[str, Any], column: str, section: str | None) -> Any:
     if column == "clean_acc":
         return record(row, section).get("clean_acc")
@@ -123,10 +140,28 @@ def _value(row: dict[str, Any], column: str, section: str | None) -> Any:
     return figure(row, column)[1]
 
 
-def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, columns: list[str]) -> list[str]:
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Runs by (method, k): the seeds of one setting (HYDRA and LWM of a seed share that seed's dense model)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row.get("method"), row.get("k")), []).append(row)
+    return groups
+
+
+def summary(rows: list[dict[str, Any]], section: str | None, metric: str, allocation: str) -> list[dict[str, Any]]:
+    """``summary.json``'s rows: the report metric's mean, sample sd (0 for one seed), n and values per setting."""
+    out = []
+    for (method, k), members in _groups(rows).items():
+        values = [v for v in (_value(r, metric, section) for r in members) if isinstance(v, (int, float))]
+        out.append({"method": method, "allocation": None if method == "dense" else allocation, "k": k,
+                    "metric": metric, "mean": statistics.mean(values) if values else None,
+                    "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
+                    "values": values, "seeds": [r.get("seed") for r in members]})
+    return out
+
+
+def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, columns: list[str]) -> list[str]:
+    groups = _groups(rows)
     shown = ["method", "k", "n"] + [c for c in columns if c not in ("run", "method", "k")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for (method, k), members in groups.items():

@@ -74,7 +74,10 @@ def locked(run_dir: str | Path, create: bool = True) -> Iterator[Path]:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Fail before any work when the run's files could not be written afterwards."""
+    """Fail before any work when the run's files could not be written afterwards (atomic writes need the
+    directory itself to be writable)."""
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write into {run_dir}: permission denied")
     for name in (METRICS_FILE, CONFIG_FILE):
         path = Path(run_dir) / name
         if path.exists() and not os.access(path, os.W_OK):

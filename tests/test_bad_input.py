@@ -49,6 +49,12 @@ def files(directory):
     (["--model", "resnet-9000"], "unknown model 'resnet-9000'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "cifar10"], "cifar10 needs --data-dir pointing at cifar-10-python.tar.gz from"),
+    (["--eps", "1e400"], "eps must be a finite number >= 0"),
+    (["--loss", "natural"], "verify needs an eps: the loss 'natural' has none"),
+    (["--loss", "gaussian", "--sigma", "0.25"], "verify needs an eps: the loss 'gaussian' has none"),
+    (["--set", "k=[0.1,0.1]"], "config k: lists each value once"),
+    (["--set", "attack={step_size: 0}"], "attack.step_size: Input should be greater than 0"),
+    (["--set", "verify.eps=true"], "eps must be a number or a fraction like 8/255, got True"),
 ])
 def test_bad_training_input_fails_in_one_line_and_leaves_no_file(tmp_path, args, fragment):
     for command in (["pretrain"], ["sweep"]):
@@ -127,6 +133,13 @@ def test_an_architecture_mismatch_names_the_offending_tensor(tmp_path):
     result = run("prune", "--k", 0.1, "--from", tmp_path, "--out", tmp_path / "out")
     assert_one_line_error(result, "does not fit this architecture (")
     assert "weight" in result.output and not (tmp_path / "out").exists()
+
+
+def test_prune_needs_k_and_the_sources_data_set(finished, tmp_path):
+    assert_one_line_error(run("prune", "--from", finished, "--out", tmp_path / "out"), "--k is required")
+    result = run("prune", "--k", 0.1, "--from", finished, "--dataset", "fashion-mnist", "--out", tmp_path / "out")
+    assert_one_line_error(result, "was trained on mnist-embedded, but the config prunes on fashion-mnist")
+    assert not (tmp_path / "out").exists()
 
 
 def test_prune_refuses_a_model_that_is_not_the_sources(finished, tmp_path):

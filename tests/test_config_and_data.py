@@ -26,7 +26,7 @@ def test_file_then_overrides_later_ones_win(tmp_path):
 
 
 def test_naming_another_loss_replaces_the_loss_parameters():
-    config = load_config(None, [{"loss": {"name": "natural"}}])
+    config = load_config(None, [{"loss": {"name": "natural"}, "verify": None}])
     assert config.loss == {"name": "natural"}
     config = load_config(None, [{"loss": {"eps": 0.3}}])
     assert config.loss == {"name": "crown-ibp", "eps": 0.3, "kappa_start": 1.0, "kappa_end": 0.0,

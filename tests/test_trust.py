@@ -8,7 +8,8 @@ import yaml
 
 from certprune import pipeline
 from certprune.config import load_config
-from certprune.runs import CHECKPOINT_FILE, safe_load
+from certprune.evaluation import evaluate_configured
+from certprune.runs import CHECKPOINT_FILE, read_metrics, safe_load
 from certprune.train import TrainingDiverged
 from helpers import TINY, assert_one_line_error, record_of, run, tiny_config
 
@@ -142,3 +143,30 @@ def test_a_sweep_over_seeds_reports_mean_and_spread_of_each_method_and_k(tmp_pat
     mean, spread = sum(by_seed) / 2, abs(by_seed[0] - by_seed[1]) / 2 ** 0.5
     assert f"| lwm | 0.1 | 2 |" in table and f"{100 * mean:.1f} ± {100 * spread:.1f}" in table
     assert (tmp_path / "sparsity.png").exists()
+    summary = {(row["method"], row["k"]): row for row in json.loads((tmp_path / "summary.json").read_text())}
+    lwm = summary[("lwm", 0.1)]
+    assert lwm["values"] == by_seed and lwm["seeds"] == [0, 1] and lwm["n"] == 2 and lwm["allocation"] == "layerwise"
+    assert lwm["mean"] == pytest.approx(mean) and lwm["sd"] == pytest.approx(spread) and lwm["metric"] == "verified_acc"
+
+
+def test_the_same_prune_twice_gives_the_same_model_and_figures(dense, tmp_path):
+    config = tiny_config(verify={"max": 16, "bound_methods": ["IBP"]}, prune={"epochs": 1}, finetune={"epochs": 1})
+    for name in ("a", "b"):
+        pipeline.prune(config, tmp_path / name, 0.1, "hydra", dense)
+        evaluate_configured(tmp_path / name, config)
+    first, second = (torch.load(tmp_path / n / "model.pt", weights_only=True)["state_dict"] for n in "ab")
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    figures = [{key: value for key, value in read_metrics(tmp_path / n).items() if key not in ("seconds", "source")}
+               for n in "ab"]
+    for record in (figures[0]["evaluations"], figures[1]["evaluations"]):
+        for made in record.values():
+            made.pop("seconds")
+    assert figures[0] == figures[1]
+
+
+@pytest.mark.parametrize("seeds, fragment", [("[]", "seeds: List should have at least 1 item"),
+                                             ("[0.5]", "seeds.0: Input should be a valid integer"),
+                                             ("[x]", "seeds.0: Input should be a valid integer")])
+def test_bad_seeds_are_one_line(tmp_path, seeds, fragment):
+    assert_one_line_error(run("sweep", "--out", tmp_path / "out", "--set", f"seeds={seeds}"), fragment)
+    assert not (tmp_path / "out").exists()
