@@ -74,7 +74,8 @@ def build_config(config_path, overrides, dataset=None, data_dir=None, model=None
     flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed, "device": device}
     updates.append({key: value for key, value in flags.items() if value is not None})
     loss_flags = {"name": loss, "eps": eps, "sigma": sigma}
-    updates.append({"loss": {key: value for key, value in loss_flags.items() if value is not None}})
+    if any(value is not None for value in loss_flags.values()):
+        updates.append({"loss": {key: value for key, value in loss_flags.items() if value is not None}})
     updates += extra or []
     return load_config(config_path, updates)
 

@@ -181,7 +181,7 @@ class Config(Section):
                 raise ValueError(f"{section} needs an eps: the loss {self.loss_name!r} has none "
                                  f"(set {section}.eps, or {section}=null)")
         if self.smoothing is not None and self.smoothing.sigma is None and "sigma" not in self.loss:
-            raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma)")
+            raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma, or --sigma)")
         _check_allocation(self.prune.allocation)
         _check_augment(self.augment, self.dataset)
         return self

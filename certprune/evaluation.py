@@ -118,7 +118,7 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
                 fields["seed"] = config.seed
             job = types.SimpleNamespace(**fields, run_dir=run_dir, indices=indices, restart=restart,
                                         warn=warn or log.warning, trained_sigmas=smoothing_run.training_sigmas(config))
-            log.info("%s: %s on %d test images", run_dir.name, key, len(indices))
+            log.debug("%s: %s on %d test images", run_dir.name, key, len(indices))
             started = time.perf_counter()
             figures = EVALUATORS[section].evaluate(model.eval(), x, y, job)
             figures.pop("clean_acc", None)  # the driver's, once per image set
@@ -128,7 +128,8 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
                       **{name: value for name, value in figures.items() if not name.startswith("_")},
                       "seconds": time.perf_counter() - started}
             if distributed.is_main():
-                _write_per_image(run_dir, key, figures, indices)
+                if "MILP" in getattr(settings, "bound_methods", ()):
+                    _write_per_image(run_dir, key, figures, indices)
                 record_evaluation(run_dir, key, record)
             records[key] = record
     return records

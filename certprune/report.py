@@ -58,6 +58,9 @@ def describe(config: Config, section: str, made: dict[str, Any]) -> str:
     elif section == "attack":
         what = (f"PGD-{settings.get('steps')} ({settings.get('norm')}, eps {settings.get('eps')}, step "
                 f"{settings.get('step_size') or 'auto'}, {settings.get('restarts')} restart(s), seed {settings.get('seed')})")
+    elif section == "autoattack":
+        what = (f"AutoAttack {settings.get('version')} ({settings.get('norm')}, eps {settings.get('eps')}, "
+                f"seed {settings.get('seed')})")
     else:
         what = (f"randomized smoothing, sigma {settings.get('sigma')}, n0 {settings.get('n0')}, n {settings.get('n')},"
                 f" alpha {settings.get('alpha')}, {settings.get('precision')}")

@@ -43,7 +43,7 @@ def files(directory):
     (["--set", "x=[1"], "override 'x=[1': the value is not valid YAML"),
     (["--eps", "nan"], "eps must be a finite number >= 0"),
     (["--eps", "inf"], "eps must be a finite number >= 0"),
-    (["--set", "verify.methods=[FOO]"], "unknown bound method 'FOO'"),
+    (["--set", "verify.bound_methods=[FOO]"], "unknown bound method 'FOO'"),
     (["--set", "prune_methods=[magnitude]"], "prune_methods.0: Input should be 'hydra' or 'lwm'"),
     (["--loss", "hinge"], "unknown loss 'hinge'"),
     (["--model", "resnet-9000"], "unknown model 'resnet-9000'"),
@@ -81,7 +81,7 @@ def test_an_output_under_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch)
     ("verify", ["--method", "LP"], "unknown bound method 'LP'"),
     ("evaluate", ["--max", "0"], "attack.max must be a whole number > 0"),
     ("certify", ["--n", "0"], "smoothing.n must be a whole number > 0"),
-    ("certify", [], "pass --sigma: the run was trained without Gaussian noise"),
+    ("certify", [], "smoothing needs a sigma: the loss 'ibp' has none (set smoothing.sigma, or --sigma)"),
 ])
 def test_bad_evaluation_input_fails_before_any_work_and_changes_nothing(finished, command, args, fragment):
     before = {name: (finished / name).read_bytes() for name in files(finished) if (finished / name).is_file()}
@@ -177,3 +177,16 @@ def test_a_config_file_that_names_old_keys_still_loads_with_a_warning(tmp_path):
     result = run("pretrain", "--config", tmp_path / "old.yaml", "--out", tmp_path / "run", "--set", "pretrain.epochs=0")
     assert result.exit_code == 0, result.output
     assert "Warning: config key 'methods' is now 'prune_methods'" in result.stderr
+
+
+def test_verify_with_the_complete_stage_records_its_verdicts_per_image(finished):
+    result = run("verify", "--from", finished, "--method", "IBP", "--method", "MILP", "--max", 4, "--timeout", 20)
+    assert result.exit_code == 0, result.output
+    (key,) = [k for k in json.loads(result.stdout) if "MILP" in k]
+    record = json.loads((finished / "metrics.json").read_text())["evaluations"][key]
+    assert record["verified_acc"] + record["falsified_acc"] + record["unknown_acc"] == pytest.approx(record["clean_acc"])
+    assert record["decided_fraction"] == pytest.approx(1 - record["unknown_acc"])
+    assert ("robust_acc_exact" in record) == (record["unknown_acc"] == 0)  # exact only when every image is decided
+    lines = (finished / f"verify-{key.replace(' ', '')}.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:4] == ["index", "label", "prediction", "verified_by"] and len(lines) == 1 + 4
+    assert [int(line.split("\t")[0]) for line in lines[1:]] == [0, 1, 2, 3]

@@ -75,7 +75,8 @@ def test_loss_factory_is_strict():
         BoundLoss(eps=-1)
 
 
-@pytest.mark.parametrize("module", ["certprune.losses", "certprune.losses_noise", "certprune.losses_adversarial"])
+@pytest.mark.parametrize("module", ["certprune.losses", "certprune.losses.noise", "certprune.losses.adversarial",
+                                    "certprune.losses.bounds"])
 def test_each_paths_loss_module_imports_on_its_own(module):
     # a fresh interpreter: an import cycle between the registry and a path's module shows only when that module
     # is imported first

@@ -338,9 +338,9 @@ def test_certifying_with_another_sigma_than_training_warns_once(tmp_path):
 
 
 def test_the_training_sigma_is_read_from_the_runs_config():
-    config = load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}}])
+    config = load_config(None, [{"loss": {"name": "gaussian", "sigma": 0.25}, "verify": None}])
     assert training_sigmas(config) == [0.25]
-    assert training_sigmas(load_config(None, [{"loss": {"name": "natural"}}])) == []
+    assert training_sigmas(load_config(None, [{"loss": {"name": "natural"}, "verify": None}])) == []
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").rglob("*smoothing*.yaml")))

@@ -160,7 +160,8 @@ def test_the_same_prune_twice_gives_the_same_model_and_figures(dense, tmp_path):
                for n in "ab"]
     for record in (figures[0]["evaluations"], figures[1]["evaluations"]):
         for made in record.values():
-            made.pop("seconds")
+            for timing in [key for key in made if key.startswith("seconds")]:
+                made.pop(timing)
     assert figures[0] == figures[1]
 
 
