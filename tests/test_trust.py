@@ -171,3 +171,11 @@ def test_the_same_prune_twice_gives_the_same_model_and_figures(dense, tmp_path):
 def test_bad_seeds_are_one_line(tmp_path, seeds, fragment):
     assert_one_line_error(run("sweep", "--out", tmp_path / "out", "--set", f"seeds={seeds}"), fragment)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_report_shows_fractions_in_percent_and_other_figures_as_they_are():
+    from certprune.report import _fmt
+
+    assert _fmt("verified_acc", 0.5) == "50.0" and _fmt("certified_acc_0.25", 0.25) == "25.0"
+    assert _fmt("sparsity", 0.99) == "99.0" and _fmt("abstain_rate", 0.1) == "10.0"
+    assert _fmt("acr", 0.42) == "0.42" and _fmt("seconds", 12.6) == "13" and _fmt("k", 0.05) == "0.05"
