@@ -24,7 +24,8 @@ def _save(figure, path: Path) -> Path:
 
 def is_fraction(metric: str) -> bool:
     """Accuracies and rates are fractions shown in %; anything else (seconds, radii, ACR) is shown as it is."""
-    return metric.endswith("_acc") or "_acc_" in metric or metric.endswith("_rate")
+    return (metric.endswith("_acc") or "_acc_" in metric or metric.startswith("verified_extra_")
+            or metric.endswith(("_rate", "_fraction")))
 
 
 def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label: str | None = None,

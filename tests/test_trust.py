@@ -178,4 +178,5 @@ def test_the_report_shows_fractions_in_percent_and_other_figures_as_they_are():
 
     assert _fmt("verified_acc", 0.5) == "50.0" and _fmt("certified_acc_0.25", 0.25) == "25.0"
     assert _fmt("sparsity", 0.99) == "99.0" and _fmt("abstain_rate", 0.1) == "10.0"
+    assert _fmt("verified_extra_crown", 0.02467) == "2.5" and _fmt("decided_fraction", 0.9) == "90.0"
     assert _fmt("acr", 0.42) == "0.42" and _fmt("seconds", 12.6) == "13" and _fmt("k", 0.05) == "0.05"
