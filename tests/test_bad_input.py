@@ -180,7 +180,7 @@ def test_a_config_file_that_names_old_keys_still_loads_with_a_warning(tmp_path):
 
 
 def test_verify_with_the_complete_stage_records_its_verdicts_per_image(finished):
-    result = run("verify", "--from", finished, "--method", "IBP", "--method", "MILP", "--max", 4, "--timeout", 20)
+    result = run("verify", "--from", finished, "--method", "IBP", "--method", "MILP", "--max", 4, "--timeout", 3)
     assert result.exit_code == 0, result.output
     (key,) = [k for k in json.loads(result.stdout) if "MILP" in k]
     record = json.loads((finished / "metrics.json").read_text())["evaluations"][key]
