@@ -22,12 +22,8 @@ from certprune.attacks import PGD, parse_eps
 from certprune.certify import autoattack
 from certprune.config import load_config
 from certprune.data import load_dataset
+from certprune.certify.attack import attack_accuracy
 from certprune.runs import load_run
-
-try:  # the PGD evaluator's module (certify/attack.py; certify/empirical.py before the evaluator seam)
-    from certprune.certify.attack import attack_accuracy
-except ImportError:
-    from certprune.certify.empirical import attack_accuracy
 
 
 def bench_run(run_dir: Path, maximum: int, batch_size: int, device: str) -> dict:
