@@ -16,6 +16,8 @@ Erdős–Rényi-kernel density ``sum(shape_l) / prod(shape_l)`` (Evci et al. 202
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Literal
 
@@ -137,8 +139,9 @@ class _SharedPlan(Plan):
         self._memo = (generation, result) if generation is not None else None
         return result
 
+    @abc.abstractmethod
     def compute(self):
-        raise NotImplementedError
+        """The allocation itself (counts and masks of every layer), memoised by :meth:`_result`."""
 
 
 class GlobalPlan(_SharedPlan):

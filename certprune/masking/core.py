@@ -14,6 +14,8 @@ parametrization leaves a plain dense layer whose pruned entries are exactly 0.
 """
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import copy
 import math
@@ -79,14 +81,16 @@ class _GivenStraightThrough(torch.autograd.Function):
         return grad_mask, None
 
 
-class Plan:
+class Plan(abc.ABC):
     """What a shared allocation provides to its masks (``global``, ``learned``); see :mod:`.allocation`."""
 
+    @abc.abstractmethod
     def layer_mask(self, index: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Layer ``index``'s 0/1 mask under the shared allocation."""
 
+    @abc.abstractmethod
     def layer_count(self, index: int) -> int:
-        raise NotImplementedError
+        """How many weights layer ``index`` keeps."""
 
 
 class TopKMask(nn.Module):
