@@ -212,7 +212,7 @@ class Config(Section):
 
 
 def _numeric_budgets(loss: dict[str, Any]) -> dict[str, Any]:
-    """A loss's eps ("8/255" too) and sigma as the numbers they mean, so every record states one form."""
+    """A loss's eps ("8/255" too) as the number it means, so every record states one form."""
     loss = dict(loss)
     if isinstance(loss.get("eps"), str):
         loss["eps"] = parse_eps(loss["eps"])

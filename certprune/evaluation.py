@@ -23,7 +23,7 @@ from torch import nn
 from . import distributed
 from .atomic import atomic_torch_save, atomic_write_text
 from .certify import attack, autoattack, smoothing_run, verify
-from .config import AttackConfig, AutoAttackConfig, Config, ConfigError, SmoothingConfig, VerifyConfig, validate
+from .config import AttackConfig, AutoAttackConfig, Config, SmoothingConfig, VerifyConfig, validate
 from .data import Dataset, load_dataset, select_images
 from .runs import (RunError, check_writable, load_run, locked, read_config, read_metrics,
                    record_evaluation, resolve_model_path)
@@ -48,9 +48,7 @@ def resolve_settings(config: Config, section: str, requested: dict[str, Any] | N
     base = own.model_dump() if own is not None else SECTIONS[section]().model_dump()
     merged = {**base, **{key: value for key, value in (requested or {}).items() if value is not None}}
     settings = getattr(validate({**config.to_dict(), section: merged}), section)
-    if section in ("verify", "attack", "autoattack") and settings.eps is None:
-        if config.loss.get("eps") is None:
-            raise ConfigError(f"{section} needs an eps: the run's loss {config.loss_name!r} has none (pass --eps)")
+    if section in ("verify", "attack", "autoattack") and settings.eps is None:  # validate() saw the loss has one
         settings = settings.model_copy(update={"eps": config.loss["eps"]})
     if section == "smoothing" and settings.sigma is None:
         sigma = smoothing_run.resolve_sigma(None, smoothing_run.training_sigmas(config))

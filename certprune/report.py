@@ -36,6 +36,10 @@ def figure(row: dict[str, Any], metric: str) -> tuple[str | None, Any]:
     return (None, row[metric]) if metric in row else (None, None)
 
 
+def _percent(column: str) -> bool:
+    return column != "seconds" and (is_fraction(column) or column == "sparsity")
+
+
 def _fmt(column: str, value: Any) -> str:
     if value is None:
         return ""
@@ -44,7 +48,7 @@ def _fmt(column: str, value: Any) -> str:
     if column == "k":
         return f"{value:g}"
     if isinstance(value, float):
-        return f"{100 * value:.1f}" if is_fraction(column) or column == "sparsity" else f"{value:.4g}"
+        return f"{100 * value:.1f}" if _percent(column) else f"{value:.4g}"
     return str(value)
 
 
@@ -171,7 +175,7 @@ def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, co
         cells = [str(method), f"{k:g}", str(len(members))]
         for column in shown[3:]:
             values = [v for v in (_value(r, column, section) for r in members) if isinstance(v, (int, float))]
-            scale = 100 if column != "seconds" and (is_fraction(column) or column == "sparsity") else 1
+            scale = 100 if _percent(column) else 1
             if not values:
                 cells.append("")
             elif len(values) == 1:

@@ -218,6 +218,11 @@ def is_finished(run_dir: Path) -> bool:
     return written and not (run_dir / CHECKPOINT_FILE).exists()
 
 
+def _inline(value: Any) -> str:
+    """A setting as one line of YAML (``0.1``, ``[IBP, CROWN]``, ``null``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
     """``key saved -> wanted`` for every leaf where two nested settings differ (for one-line refusals)."""
     changes = []
@@ -227,6 +232,5 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "")
         if isinstance(old, dict) and isinstance(new, dict):
             changes += differences(old, new, name + ".")
         elif old != new:
-            changes.append(f"{name} {yaml.safe_dump(old, default_flow_style=True).strip().removesuffix('...').strip()}"
-                           f" -> {yaml.safe_dump(new, default_flow_style=True).strip().removesuffix('...').strip()}")
+            changes.append(f"{name} {_inline(old)} -> {_inline(new)}")
     return changes
