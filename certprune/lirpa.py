@@ -101,10 +101,8 @@ class BoundedProxy:
         if isinstance(plain, nn.Sequential) and isinstance(plain[0], Normalize):
             self.normalize_name, self.normalize = next(iter(plain.named_children()))
             plain = plain[1:]  # a slice keeps the original child names, so parameter names still match the model
-            self._eps_scale = 1.0 / float(self.normalize.std.min())  # read once: no device sync per bound
         else:
             self.normalize = nn.Identity()
-            self._eps_scale = 1.0
         self._plain = plain
         self.num_classes = self._infer_classes(model, example_input)
         with warnings.catch_warnings():
@@ -139,12 +137,13 @@ class BoundedProxy:
         self.bounded.train(self.model.training)
         return tensors
 
-    def _bounded_input(self, x: torch.Tensor, eps: float) -> BoundedTensor:
-        x_lower, x_upper = input_box(x, eps)
-        lower, center, upper = self.normalize(x_lower), self.normalize(x), self.normalize(x_upper)
-        # The box itself is (x_L, x_U); eps / min(std) only bounds its half-width from above.
-        return BoundedTensor(center, PerturbationLpNorm(norm=float("inf"), eps=eps * self._eps_scale, x_L=lower,
-                                                        x_U=upper))
+    def _bounded_box(self, lower: torch.Tensor, upper: torch.Tensor) -> BoundedTensor:
+        """The box ``[lower, upper]`` (pixel space) mapped through the leading normalisation, which is monotone."""
+        lower, upper = self.normalize(lower), self.normalize(upper)
+        # For the L-inf norm auto_LiRPA reads only x_L and x_U; eps (the largest half-width) is for its records.
+        half_width = ((upper - lower) / 2).amax()
+        return BoundedTensor((lower + upper) / 2, PerturbationLpNorm(norm=float("inf"), eps=half_width, x_L=lower,
+                                                                     x_U=upper))
 
     def margin_lower_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float,
                             method: str = "IBP", **alpha_options) -> torch.Tensor:
@@ -158,12 +157,18 @@ class BoundedProxy:
     def margin_lower_bounds_many(self, x: torch.Tensor, labels: torch.Tensor, eps: float, methods: list[str],
                                  iterations: int = ALPHA_ITERATIONS, lr: float = ALPHA_LR) -> list[torch.Tensor]:
         """:meth:`margin_lower_bounds` for several methods over one weight copy (CROWN-IBP mixes IBP and CROWN)."""
+        return self.box_spec_bounds(*input_box(x, eps), margin_spec(labels, self.num_classes), methods, iterations,
+                                    lr)
+
+    def box_spec_bounds(self, lower: torch.Tensor, upper: torch.Tensor, spec: torch.Tensor, methods: list[str],
+                        iterations: int = ALPHA_ITERATIONS, lr: float = ALPHA_LR) -> list[torch.Tensor]:
+        """Lower bounds of ``spec @ logits`` (``spec``: ``(B, rows, classes)``, e.g. :func:`margin_spec`) over the
+        per-pixel box ``[lower, upper]``, one ``(B, rows)`` tensor per method: the one code path of every bound."""
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown bound method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         tensors = self._sync()
-        spec = margin_spec(labels, self.num_classes)
-        bounded_x = self._bounded_input(x, eps)
+        bounded_x = self._bounded_box(lower, upper)
         lowers = [self._compute(bounded_x, spec, method, iterations, lr) for method in methods]
         self._release_node_state()
         if (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
@@ -189,7 +194,12 @@ class BoundedProxy:
 
     def relu_input_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float, method: str = "CROWN"):
         """Margin lower bounds as :meth:`margin_lower_bounds`, and the bounds of every ReLU's input that the same
-        pass computed, in the network's order: ``(margins (B, classes-1), [(lower, upper) (B, *shape)])``.
+        pass computed (see :meth:`box_relu_bounds`), over the clipped L-inf box."""
+        return self.box_relu_bounds(*input_box(x, eps), margin_spec(labels, self.num_classes), method)
+
+    def box_relu_bounds(self, lower: torch.Tensor, upper: torch.Tensor, spec: torch.Tensor, method: str = "CROWN"):
+        """Lower bounds of ``spec @ logits`` over the box ``[lower, upper]``, and the bounds of every ReLU's input that
+        the same pass computed, in the network's order: ``(bounds (B, rows), [(lower, upper) (B, *shape)])``.
 
         The complete verifier (:mod:`certprune.certify.milp`) needs them: the tighter they are, the fewer ReLUs
         are unstable and the fewer binaries its program has. Detached; IBP or CROWN."""
@@ -197,8 +207,8 @@ class BoundedProxy:
             raise ValueError(f"ReLU input bounds come from IBP or CROWN, not {method!r}")
         self._sync()
         with torch.no_grad():
-            margins = self.bounded.compute_bounds(x=(self._bounded_input(x, eps),), C=margin_spec(
-                labels, self.num_classes), method=method, bound_upper=False)[0]
+            margins = self.bounded.compute_bounds(x=(self._bounded_box(lower, upper),), C=spec, method=method,
+                                                  bound_upper=False)[0]
             relus = [(relu.inputs[0].lower.detach().clone(), relu.inputs[0].upper.detach().clone())
                      for relu in self.bounded.relus]
         self._release_node_state()
@@ -208,7 +218,7 @@ class BoundedProxy:
         """Lower and upper bounds of every logit over the clipped L-inf box (for soundness checks)."""
         self._sync()
         with torch.no_grad():
-            bounds = self.bounded.compute_bounds(x=(self._bounded_input(x, eps),), method=method)
+            bounds = self.bounded.compute_bounds(x=(self._bounded_box(*input_box(x, eps)),), method=method)
         self._release_node_state()
         return bounds
 
