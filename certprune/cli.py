@@ -12,6 +12,7 @@ import click
 
 from . import __version__
 from .cli_common import RESUME_HINT, build_config, default_help as _default, experiment_options, one_line_errors
+from .cli_compact import compact
 from .cli_export import export
 from .config import AttackConfig, SmoothingConfig, VerifyConfig
 from .logs import setup_logging
@@ -84,12 +85,13 @@ def pretrain(out, resume, **options):
 @click.option("--k", "k", help="Fraction of weights kept, in (0, 1] [a resumed run's own].")
 @click.option("--method", type=click.Choice(["hydra", "lwm"]), help="Pruning method [hydra; a resumed run's own].")
 @click.option("--allocation", help="How k is shared between layers: layerwise (default), global, erk, learned.")
+@click.option("--granularity", help="What a mask keeps: weight (default) or channel (whole output channels).")
 @click.option("--from", "source", type=click.Path(), help="Run directory (or model.pt) to prune; default: "
               "pretrain the config's dense model once and cache it under runs/cache.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<method>-<loss>-k<k>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch, with its settings.")
 @one_line_errors(RESUME_HINT)
-def prune(k, method, allocation, source, out, resume, **options):
+def prune(k, method, allocation, granularity, source, out, resume, **options):
     """Prune to a fraction k of the weights (score training, then fine-tuning), then evaluate."""
     from .evaluation import evaluate_configured
     from .pipeline import pretrain as run_pretrain, prune as run_prune, stored_identity
@@ -103,6 +105,7 @@ def prune(k, method, allocation, source, out, resume, **options):
     method = method or stored.get("method", "hydra")
     source = source or stored.get("source")
     extra = [{"prune": {"allocation": allocation}}] if allocation else []
+    extra += [{"prune": {"granularity": granularity}}] if granularity else []
     resumed = _resumed_config(out, resume)
     config = build_config(**options, base=resumed, extra=extra)
     device = _start(config.device)
@@ -221,6 +224,7 @@ def sweep(out, source, **options):
 
 
 main.add_command(export)
+main.add_command(compact)
 
 
 @main.command()

@@ -8,6 +8,7 @@ The resolved configuration is saved with every run (``config.yaml``), so a run d
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,6 +60,7 @@ class PruneConfig(PhaseConfig):
     """HYDRA's score phase; ``allocation`` says how the budget k is shared between layers (certprune.masking)."""
 
     allocation: str = "layerwise"
+    granularity: str = "weight"  # weight | channel (whole output channels; certprune.masking.channel)
     rate_lr: PositiveFloat = 1e-2  # the learned allocation's per-layer rates (their own learning rate)
 
 
@@ -183,6 +185,7 @@ class Config(Section):
         if self.smoothing is not None and self.smoothing.sigma is None and "sigma" not in self.loss:
             raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma, or --sigma)")
         _check_allocation(self.prune.allocation)
+        _check_granularity(self.prune.granularity, self.prune.allocation, self.model)
         _check_augment(self.augment, self.dataset)
         return self
 
@@ -225,6 +228,21 @@ def _check_allocation(allocation: str) -> None:
     choices = getattr(masking, "ALLOCATIONS", ("layerwise",))
     if allocation not in choices:
         raise ValueError(f"prune.allocation: unknown allocation {allocation!r}; choose from {', '.join(choices)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _check_granularity(granularity: str, allocation: str, model: str) -> None:
+    """Refuse an unknown granularity, an allocation it does not take, or a model whose channels cannot be pruned
+    (residual networks), here, before any pretraining."""
+    from . import masking
+    from .models import create_model
+
+    try:
+        masking.check_granularity(granularity, allocation)
+        if granularity == "channel":
+            masking.channel_groups(create_model(model))
+    except ValueError as error:
+        raise ValueError(f"prune.granularity: {error}") from None
 
 
 def _check_augment(names: list[str], dataset: str) -> None:

@@ -191,6 +191,8 @@ def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[
             facts: dict[str, Any]) -> dict[str, Any]:
     """Save the final model and the run's facts; the checkpoint goes once both are written."""
     layers = {name: list(counts) for name, counts in masking.allocation_counts(model).items()}
+    if facts.get("granularity") == "channel":
+        facts["kept_channels_per_layer"] = {name: list(c) for name, c in masking.channel_counts(model).items()}
     seconds = facts.pop("train_seconds", 0.0)
     metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset,
                "model": architecture["name"], "loss": config.loss_name, "seed": config.seed, "seconds": seconds}
@@ -258,13 +260,15 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
         model = model.to(device)
         torch.manual_seed(config.seed)
         init = "scaled" if method == "hydra" else "magnitude"
-        masking.apply_masks(model, k, init=init, allocation=config.prune.allocation)
+        masking.apply_masks(model, k, init=init, allocation=config.prune.allocation,
+                            granularity=config.prune.granularity)
         if method == "hydra":
             phases = [("prune", config.prune), ("finetune", config.finetune)]
         else:
             total = config.prune.epochs + config.finetune.epochs
             phases = [("finetune", config.finetune.model_copy(update={"epochs": total}))]
-        facts = {"method": method, "k": k, "source": str(source), "allocation": config.prune.allocation}
+        facts = {"method": method, "k": k, "source": str(source), "allocation": config.prune.allocation,
+                 "granularity": config.prune.granularity}
         return model, architecture, loaded, phases, facts
 
     return _run(Path(run_dir), config, identity, resume, build)

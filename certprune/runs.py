@@ -173,7 +173,10 @@ def save_model(model: nn.Module, path: Path, architecture: dict[str, Any]) -> No
 
 
 def build_model(architecture: dict[str, Any]) -> nn.Module:
-    return create_model(architecture["name"], **architecture["kwargs"])
+    """The registry's model, narrowed to the stored ``widths`` (output channels per layer) of a compact run."""
+    model = create_model(architecture["name"], **architecture["kwargs"])
+    widths = architecture.get("widths")
+    return masking.narrowed(model, {name: range(width) for name, width in widths.items()}) if widths else model
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: Path) -> None:

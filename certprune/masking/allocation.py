@@ -25,12 +25,16 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .channel import ChannelMask, channel_groups, channel_scores
 from .core import Plan, TopKMask, _GivenStraightThrough, cache_generation, check_k, is_masked, num_kept, \
     prunable_layers, scaled_scores
 
 ALLOCATIONS = ("layerwise", "global", "erk", "learned")
 INITS = ("scaled", "magnitude")
+GRANULARITIES = ("weight", "channel")
+CHANNEL_ALLOCATIONS = ("layerwise", "global")  # erk and learned are rules over weight shapes
 Allocation = Literal["layerwise", "global", "erk", "learned"]
+Granularity = Literal["weight", "channel"]
 RATE_TEMPERATURE = 0.05  # width of the learned rates' soft boundary, as a fraction of the layer's kept count
 
 
@@ -123,7 +127,7 @@ class _SharedPlan(Plan):
 
     def __init__(self, masks: list[TopKMask], budget: int):
         self.masks, self.budget = masks, budget
-        self.sizes = [m.scores.numel() for m in masks]
+        self.sizes = [m.size for m in masks]
         self._memo: tuple[int, object] | None = None
         for index, mask in enumerate(masks):
             mask.plan, mask.index = self, index
@@ -149,7 +153,7 @@ class GlobalPlan(_SharedPlan):
 
     def compute(self) -> list[torch.Tensor]:
         with torch.no_grad():
-            parts = [(m.scores.abs() * m.scale).flatten() for m in self.masks]
+            parts = [(m.magnitude() * m.scale).flatten() for m in self.masks]
             values = torch.cat(parts)
             offsets = torch.tensor([0] + self.sizes, device=values.device).cumsum(0)
             best = torch.stack([p.argmax() for p in parts]) + offsets[:-1]
@@ -159,8 +163,7 @@ class GlobalPlan(_SharedPlan):
             return list(keep.split(self.sizes))
 
     def layer_mask(self, index: int) -> torch.Tensor:
-        magnitude = self.masks[index].scores.abs()
-        return _GivenStraightThrough.apply(magnitude, self._result()[index])
+        return _GivenStraightThrough.apply(self.masks[index].magnitude(), self._result()[index])
 
     def layer_count(self, index: int) -> int:
         return int(self._result()[index].sum())
@@ -183,7 +186,7 @@ class LearnedPlan(_SharedPlan):
 
 
 def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"] = "scaled",
-                allocation: Allocation = "layerwise") -> nn.Module:
+                allocation: Allocation = "layerwise", granularity: Granularity = "weight") -> nn.Module:
     """Attach a :class:`TopKMask` to every prunable layer; returns ``model``. Totals: see the module doc.
 
     ``init="scaled"`` is HYDRA's score initialisation; ``"magnitude"`` sets ``scores = |w|``. Both rank weights
@@ -203,28 +206,39 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
 
     ``learned`` gives each mask a ``rate_logit`` (see :func:`~certprune.masking.rate_parameters`) that trains with
     the scores in the prune phase through :class:`_RankedTopK`; every forward keeps exactly ``K``.
+
+    ``granularity="channel"`` masks whole output channels instead (:mod:`.channel`: every layer but the last, the
+    units counted are channels, scores start from filter L1 norms); ``layerwise`` and ``global`` apply to it.
     """
     k = check_k(k)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
     if init not in INITS:
         raise ValueError(f"unknown score init {init!r}; choose from {', '.join(INITS)}")
+    check_granularity(granularity, allocation)
     layers = [layer for _, layer in prunable_layers(model)]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to prune")
     if any(is_masked(layer) for layer in layers):
         raise ValueError("model is already masked; call remove_masks first")
-    weights = [layer.weight.detach() for layer in layers]
-    sizes = [w.numel() for w in weights]
+    groups = channel_groups(model) if granularity == "channel" else []
+    weights = [layer.weight.detach() for layer in ([g.layer for g in groups] if groups else layers)]
+    sizes = [w.shape[0] if groups else w.numel() for w in weights]
     budget = num_kept(k, sum(sizes))
-    if allocation != "layerwise" and budget < len(layers):
-        raise ValueError(f"k = {k} keeps {budget} weights, fewer than the {len(layers)} layers (one each at least)")
-    counts = erk_counts([tuple(w.shape) for w in weights], k) if allocation == "erk" else [None] * len(layers)
-    masks = [TopKMask(scaled_scores(w) if init == "scaled" else w.abs(), k, count)
-             for w, count in zip(weights, counts)]
+    if allocation != "layerwise" and budget < len(sizes):
+        raise ValueError(f"k = {k} keeps {budget} {granularity}s, fewer than the {len(sizes)} layers (one each at "
+                         "least)")
+    if groups:
+        masks: list[TopKMask] = [ChannelMask(channel_scores(w, init), k, w[0].numel()) for w in weights]
+        targets = [group.tensors() for group in groups]
+    else:
+        counts = erk_counts([tuple(w.shape) for w in weights], k) if allocation == "erk" else [None] * len(layers)
+        masks = [TopKMask(scaled_scores(w) if init == "scaled" else w.abs(), k, count)
+                 for w, count in zip(weights, counts)]
+        targets = [[(layer, "weight")] for layer in layers]
     if allocation == "global":
         for mask, w in zip(masks, weights):
-            peak = math.sqrt(6.0 / w[0].numel()) if init == "scaled" else max(float(w.abs().max()), 1e-30)
+            peak = math.sqrt(6.0 / w[0].numel()) if init == "scaled" else max(float(mask.scores.abs().max()), 1e-30)
             factor = 1.0 / peak
             mask.register_buffer("scale", torch.tensor(factor, dtype=w.dtype, device=w.device))
         GlobalPlan(masks, budget)
@@ -232,6 +246,16 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
         for mask, logit in zip(masks, erk_logits([tuple(w.shape) for w in weights])):
             mask.rate_logit = nn.Parameter(logit.to(weights[0].device))
         LearnedPlan(masks, budget)
-    for layer, mask in zip(layers, masks):
-        parametrize.register_parametrization(layer, "weight", mask)
+    for tensors, mask in zip(targets, masks):
+        for module, name in tensors:
+            parametrize.register_parametrization(module, name, mask)
     return model
+
+
+def check_granularity(granularity: str, allocation: str = "layerwise") -> None:
+    """A one-line ``ValueError`` for an unknown granularity, or an allocation that does not apply to it."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if granularity == "channel" and allocation not in CHANNEL_ALLOCATIONS:
+        raise ValueError(f"allocation {allocation} shares weights, not channels; channel granularity takes "
+                         f"{' or '.join(CHANNEL_ALLOCATIONS)}")

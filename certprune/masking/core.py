@@ -104,28 +104,41 @@ class TopKMask(nn.Module):
         super().__init__()
         self.k = check_k(k)
         self.scores = nn.Parameter(scores.detach().clone())
-        if count is not None and not 1 <= count <= self.scores.numel():
-            raise ValueError(f"count must be in [1, {self.scores.numel()}], got {count}")
+        if count is not None and not 1 <= count <= self.size:
+            raise ValueError(f"count must be in [1, {self.size}], got {count}")
         self.fixed_count = count
         self.plan: Plan | None = None  # a plain attribute: shared by several masks, owned by none of them
         self.index = 0
 
     @property
+    def size(self) -> int:
+        """How many units (weights here, channels for a channel mask) the mask chooses from."""
+        return self.scores.numel()
+
+    @property
+    def kept_weights(self) -> int:
+        return self.count
+
+    def magnitude(self) -> torch.Tensor:
+        """What the top-k ranks, one entry per unit."""
+        return self.scores.abs()
+
+    @property
     def count(self) -> int:
         if self.plan is not None:
             return self.plan.layer_count(self.index)
-        return num_kept(self.k, self.scores.numel()) if self.fixed_count is None else self.fixed_count
+        return num_kept(self.k, self.size) if self.fixed_count is None else self.fixed_count
 
     def mask(self) -> torch.Tensor:
         if self.plan is not None:
             return self.plan.layer_mask(self.index)
-        return _TopKStraightThrough.apply(self.scores.abs(), self.count)
+        return _TopKStraightThrough.apply(self.magnitude(), self.count)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask()
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, kept={self.count}/{self.scores.numel()}"
+        return f"k={self.k}, kept={self.count}/{self.size}"
 
 
 _CACHE = {"depth": 0, "generation": 0}
@@ -183,8 +196,9 @@ def raw_weight(module: nn.Module) -> nn.Parameter:
 
 
 def masked_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every masked ``Conv2d`` / ``Linear`` (a channel mask also masks the norm layer after it: not listed here)."""
     for name, module in model.named_modules():
-        if is_masked(module):
+        if is_masked(module) and isinstance(module, PRUNABLE):
             yield name, module
 
 
@@ -205,31 +219,33 @@ def allocation_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
     with torch.no_grad():
         for name, layer in prunable_layers(model):
             total = raw_weight(layer).numel()
-            kept = mask_of(layer).count if is_masked(layer) else int(torch.count_nonzero(layer.weight))
+            kept = mask_of(layer).kept_weights if is_masked(layer) else int(torch.count_nonzero(layer.weight))
             counts[name] = (int(kept), total)
     return counts
 
 
-def _bake(layer: nn.Module, effective: torch.Tensor) -> None:
-    """Turn a masked layer back into its plain class holding ``effective`` (its masked weight, pruned entries 0).
+def _bake(layer: nn.Module, effective: dict[str, torch.Tensor]) -> None:
+    """Turn a masked layer back into its plain class holding ``effective`` (its masked tensors, pruned entries 0).
 
     ``parametrize.remove_parametrizations`` deletes the ``weight`` property from the layer's generated class,
     which ``copy.deepcopy`` shares between copies, and so would break every copy of the model. Restoring the
     plain class per instance leaves the others intact.
     """
-    requires_grad = raw_weight(layer).requires_grad
+    requires_grad = {name: layer.parametrizations[name].original.requires_grad for name in effective}
     del layer._modules["parametrizations"]
     layer.__class__ = layer.__class__.__bases__[0]  # torch names it Parametrized<Class>(<Class>)
-    layer.weight = nn.Parameter(effective, requires_grad=requires_grad)
+    for name, tensor in effective.items():
+        setattr(layer, name, nn.Parameter(tensor, requires_grad=requires_grad[name]))
 
 
 def remove_masks(model: nn.Module) -> nn.Module:
     """Bake every mask into its layer in place: plain layers whose pruned weights are exactly 0."""
-    layers = [layer for _, layer in masked_layers(model)]
-    with torch.no_grad(), cached():  # every effective weight first (a shared plan reads all layers' scores)
-        effective = [layer.weight.detach().clone() for layer in layers]
-    for layer, weight in zip(layers, effective):
-        _bake(layer, weight)
+    layers = [module for module in model.modules() if is_masked(module)]
+    with torch.no_grad(), cached():  # every effective tensor first (a shared plan reads all layers' scores)
+        effective = [{name: getattr(layer, name).detach().clone() for name in layer.parametrizations}
+                     for layer in layers]
+    for layer, tensors in zip(layers, effective):
+        _bake(layer, tensors)
     return model
 
 
@@ -250,7 +266,7 @@ def set_phase(model: nn.Module, phase: Phase, train_norm_in_prune: bool = True) 
     score_ids = {id(s) for s in scores(model)} | {id(r) for r in rate_parameters(model)}
     if phase == "prune" and not score_ids:
         raise ValueError("the prune phase needs a masked model (apply_masks first)")
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters()}  # masked too
     for param in model.parameters():
         if id(param) in score_ids:
             param.requires_grad_(phase == "prune")
