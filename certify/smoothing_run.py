@@ -5,7 +5,6 @@ and flushed as soon as it is certified, so an interrupted certification resumes 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -22,7 +21,7 @@ from certprune.config import SmoothingConfig
 from certprune.data import select_images
 from certprune.devices import model_device
 from certprune.quantities import check_sigma
-from certprune.runs import RunError
+from certprune.runs import RunError, model_fingerprint
 
 from .smoothing import ABSTAIN, Smooth, max_certifiable_radius
 
@@ -56,15 +55,6 @@ def resolve_sigma(sigma: float | None, trained: list[float]) -> float:
         return trained[0]
     raise ValueError("pass --sigma: the run was " + ("trained without Gaussian noise" if not trained else
                      f"trained with several noise levels ({', '.join(f'{s:g}' for s in trained)})"))
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of the model's weights: certify.tsv rows of one model are never resumed with another."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _read_rows(path: Path) -> dict[int, dict[str, Any]]:

@@ -30,7 +30,7 @@ from certprune.quantities import parse_eps
 STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # the cascade's order, cheapest first
 
 
-def _method_key(method: str) -> str:
+def method_key(method: str) -> str:
     return method.lower().replace("-", "_")
 
 
@@ -47,7 +47,7 @@ def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, metho
               "verified_examples": n}
     for position, (method, proven) in enumerate(by_method.items()):
         kind = "extra" if cascade and position > 0 else "acc"
-        result[f"verified_{kind}_{_method_key(method)}"] = proven.float().mean().item()
+        result[f"verified_{kind}_{method_key(method)}"] = proven.float().mean().item()
     return result
 
 
@@ -66,6 +66,11 @@ def _canonical(methods, allowed) -> list[str]:
         raise ValueError(f"unknown verification method {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(allowed)}")
     return names
+
+
+def ordered_methods(methods) -> list[str]:
+    """The requested stages, canonically spelled, once each, in the cascade's order (:data:`STAGES`)."""
+    return sorted(set(_canonical(list(methods), STAGES)), key=STAGES.index)
 
 
 def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, methods=("IBP", "CROWN"),
@@ -156,7 +161,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
     in the order of ``x``) and ``_counterexamples`` (falsified images' inputs, rows of ``_counterexample_index``)
     are for the caller to pop. Under torchrun each process decides its share and every process gets all of it."""
     eps = parse_eps(settings.eps)
-    methods = sorted(set(_canonical(list(settings.bound_methods), STAGES)), key=STAGES.index)
+    methods = ordered_methods(settings.bound_methods)
     model.eval()
     positions = distributed.shard(len(x), int(settings.batch_size))
     n, x, y = len(x), x[positions], y[positions]
@@ -182,7 +187,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
         spent = time.perf_counter() - started
         if method != "MILP" and len(todo):
             state["seconds"][todo] += spent / len(todo)
-        figures[f"seconds_{_method_key(method)}"] = distributed.mean_across_ranks({"s": spent})["s"]
+        figures[f"seconds_{method_key(method)}"] = distributed.mean_across_ranks({"s": spent})["s"]
     return _summary(figures, methods, state, correct, prediction, y, positions, n)
 
 
@@ -205,7 +210,7 @@ def _summary(figures, methods, state, correct, prediction, y, positions, n) -> d
                    falsified_by_attack_acc=frac(by_attack))
     for position, method in enumerate(methods):
         kind = "acc" if position == 0 else "extra"
-        figures[f"verified_{kind}_{_method_key(method)}"] = frac(stage == STAGES.index(method) + 1)
+        figures[f"verified_{kind}_{method_key(method)}"] = frac(stage == STAGES.index(method) + 1)
     if not unknown.any():
         figures["robust_acc_exact"] = figures["verified_acc"]
     figures["_per_image"] = [

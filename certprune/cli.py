@@ -137,7 +137,11 @@ NOT_RECORDED = "interrupted; nothing was recorded"
 
 
 @main.command()
-@SOURCE_OPTION
+@click.option("--from", "source", type=click.Path(), help="Run directory or model.pt.")
+@click.option("--onnx", type=click.Path(), help="Instead of --from: an ONNX model to verify on each --vnnlib property.")
+@click.option("--vnnlib", "vnnlibs", multiple=True, type=click.Path(), help="A VNN-LIB property file (repeatable).")
+@click.option("--instances", type=click.Path(), help="Instead of --from: a VNN-COMP instances.csv.")
+@click.option("--out", type=click.Path(), help="With --onnx or --instances: a tab-separated file of the verdicts.")
 @click.option("--eps", help="L-inf budget, 0.1 or 8/255 [the run's verify.eps, else its training eps].")
 @click.option("--method", "methods", multiple=True,
               help="Bound methods in cascade order (repeatable): IBP, CROWN, CROWN-IBP, alpha-CROWN, MILP "
@@ -146,13 +150,24 @@ NOT_RECORDED = "interrupted; nothing was recorded"
 @SKIP_OPTION
 @click.option("--batch-size", type=int, help="Images bounded at once " + _default(VerifyConfig, "batch_size"))
 @click.option("--timeout", type=float, help="Seconds per image of the MILP stage " + _default(VerifyConfig, "timeout"))
+@click.option("--restart", is_flag=True, help="Discard the verdicts already in the run's verify TSV instead of "
+              "resuming them.")
 @DEVICE_OPTION
-@one_line_errors(NOT_RECORDED)
-def verify(source, eps, methods, max, skip, batch_size, timeout, device):
-    """Verified accuracy from sound bounds; recorded in the run's metrics.json with the images and settings."""
+@one_line_errors("interrupted; decided images are kept in the run's verify TSV (rerun the same command to resume)")
+def verify(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch_size, timeout, restart, device):
+    """Verified accuracy from sound bounds and complete verification; recorded in the run's metrics.json with the
+    images and settings, and per image in verify.tsv (verify[<settings>].tsv for non-default settings).
+    With --onnx and --vnnlib, or --instances: a verdict per (ONNX, VNN-LIB) pair, on stdout and in --out."""
+    if onnx or vnnlibs or instances or out:
+        from .certify.instances import verify_command
+
+        return click.echo(verify_command(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch_size,
+                                         timeout, device), nl=False)
+    if source is None:
+        raise ValueError("--from is required: a run directory (or --onnx with --vnnlib, or --instances)")
     requested = {"eps": eps, "bound_methods": list(methods) or None, "max": max, "skip": skip,
                  "batch_size": batch_size, "timeout": timeout}
-    _evaluate(source, "verify", requested, device)
+    _evaluate(source, "verify", requested, device, restart)
 
 
 @main.command()

@@ -21,15 +21,14 @@ import torch
 from torch import nn
 
 from . import distributed
-from .atomic import atomic_torch_save, atomic_write_text
-from .certify import attack, autoattack, smoothing_run, verify
+from .certify import attack, autoattack, smoothing_run, verify_run
 from .config import AttackConfig, AutoAttackConfig, Config, SmoothingConfig, VerifyConfig, validate
 from .data import Dataset, load_dataset, select_images
 from .runs import (RunError, check_writable, load_run, locked, read_config, read_metrics,
                    record_evaluation, resolve_model_path)
 
 log = logging.getLogger("certprune")
-EVALUATORS = {"verify": verify, "smoothing": smoothing_run, "attack": attack,  # each module's evaluate()
+EVALUATORS = {"verify": verify_run, "smoothing": smoothing_run, "attack": attack,  # each module's evaluate()
               "autoattack": autoattack}
 SECTIONS = {"verify": VerifyConfig, "smoothing": SmoothingConfig, "attack": AttackConfig,
             "autoattack": AutoAttackConfig}
@@ -114,7 +113,7 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
             fields = settings.model_dump()
             if fields.get("seed") is None:  # an attack without its own seed, and smoothing: the run's seed
                 fields["seed"] = config.seed
-            job = types.SimpleNamespace(**fields, run_dir=run_dir, indices=indices, restart=restart,
+            job = types.SimpleNamespace(**fields, run_dir=run_dir, key=key, indices=indices, restart=restart,
                                         warn=warn or log.warning, trained_sigmas=smoothing_run.training_sigmas(config))
             log.debug("%s: %s on %d test images", run_dir.name, key, len(indices))
             started = time.perf_counter()
@@ -126,28 +125,9 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
                       **{name: value for name, value in figures.items() if not name.startswith("_")},
                       "seconds": time.perf_counter() - started}
             if distributed.is_main():
-                if "MILP" in getattr(settings, "bound_methods", ()):
-                    _write_per_image(run_dir, key, figures, indices)
                 record_evaluation(run_dir, key, record)
             records[key] = record
     return records
-
-
-def _write_per_image(run_dir: Path, key: str, figures: dict[str, Any], indices: list[int]) -> None:
-    """A verification's verdict per image (``verify-<key>.tsv``: index label prediction verified_by falsified
-    margin_lower_bound seconds, test-set indices) and its counterexamples (``counterexamples-<key>.pt``, each
-    re-checked by a forward pass before it was counted)."""
-    name = key.replace("/", "_").replace(" ", "")
-    rows = figures.get("_per_image")
-    if rows:
-        columns = ("index", "label", "prediction", "verified_by", "falsified", "margin_lower_bound", "seconds")
-        lines = ["\t".join(columns)] + ["\t".join(str({**row, "index": indices[row["index"]]}.get(c, ""))
-                                                    for c in columns) for row in rows]
-        atomic_write_text(run_dir / f"verify-{name}.tsv", "\n".join(lines) + "\n")
-    found = figures.get("_counterexamples")
-    if found is not None and len(found):
-        where = [indices[int(i)] for i in figures.get("_counterexample_index", [])]
-        atomic_torch_save({"inputs": found.cpu(), "index": torch.tensor(where)}, run_dir / f"counterexamples-{name}.pt")
 
 
 def evaluate_configured(run_dir: str | Path, config: Config, device: torch.device | str = "cpu",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -212,6 +213,15 @@ def load_run(path: str | Path) -> nn.Module:
     images in [0, 1] to logits, its pruned weights exactly 0."""
     model, _ = load_model_file(resolve_model_path(path))
     return model
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's weights: per-image result files of one model are never resumed with another."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def is_finished(run_dir: Path) -> bool:

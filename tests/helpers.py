@@ -1,8 +1,12 @@
 """Tiny configurations that run the real pipeline in seconds, and the command line as a user meets it."""
+import torch
 from click.testing import CliRunner
+from torch import nn
 
 from certprune.cli import main
 from certprune.config import load_config
+from certprune.data import load_dataset
+from certprune.models import Normalize
 
 TINY = {
     "model": "cnn-small",
@@ -58,3 +62,28 @@ def assert_one_line_error(result, fragment):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert fragment in lines[0], lines[0]
+
+
+def conv_net(seed=0, second_conv=True):
+    """For 7x7 images: Normalize, one or two convolutions, two linears."""
+    torch.manual_seed(seed)
+    convs = [nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU()] + ([nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU()] if second_conv else [])
+    return nn.Sequential(Normalize([0.3], [0.4]), *convs, nn.Flatten(), nn.Linear(64, 16), nn.ReLU(),
+                         nn.Linear(16, 10)).eval()
+
+
+def trained_7x7():
+    """A small conv net trained for a few seconds on 7x7 MNIST: some images verified, some falsified."""
+    torch.manual_seed(0)
+    data = load_dataset("mnist-embedded")
+    shrink = lambda images: nn.functional.avg_pool2d(images, 4)  # noqa: E731
+    x, y = shrink(data.train_x[:2000]), data.train_y[:2000]
+    model = conv_net(second_conv=False)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
+    for step in range(60):
+        batch = torch.randint(0, len(x), (128,))
+        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), shrink(data.test_x[:30]), data.test_y[:30]

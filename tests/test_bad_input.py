@@ -187,6 +187,6 @@ def test_verify_with_the_complete_stage_records_its_verdicts_per_image(finished)
     assert record["verified_acc"] + record["falsified_acc"] + record["unknown_acc"] == pytest.approx(record["clean_acc"])
     assert record["decided_fraction"] == pytest.approx(1 - record["unknown_acc"])
     assert ("robust_acc_exact" in record) == (record["unknown_acc"] == 0)  # exact only when every image is decided
-    lines = (finished / f"verify-{key.replace(' ', '')}.tsv").read_text().splitlines()
+    lines = (finished / f"{key.replace(' ', '')}.tsv").read_text().splitlines()
     assert lines[0].split("\t")[:4] == ["index", "label", "prediction", "verified_by"] and len(lines) == 1 + 4
     assert [int(line.split("\t")[0]) for line in lines[1:]] == [0, 1, 2, 3]

@@ -133,8 +133,11 @@ def test_torchrun_prune_writes_one_run_directory(results, tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "tiny.yaml"]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "config.yaml", "history.csv",
-                                                                    "metrics.json", "model.pt", "run.json"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        ".lock", "config.yaml", "history.csv", "metrics.json", "model.pt", "run.json",
+        "verify[max=32,eps=0.05,bound_methods=IBP].json", "verify[max=32,eps=0.05,bound_methods=IBP].tsv"]
+    lines = (tmp_path / "run" / "verify[max=32,eps=0.05,bound_methods=IBP].tsv").read_text().splitlines()
+    assert [int(line.split("\t")[0]) for line in lines[1:]] == list(range(32))  # every image once, from rank 0
     assert done.stderr.count("prune epoch 1/1") == 1  # rank 0 alone logs
     printed = json.loads(done.stdout)  # and prints: one JSON document
     assert printed == json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -18,7 +18,7 @@ from certprune.certify import milp
 from certprune.certify.verify import evaluate
 from certprune.data import load_dataset
 from certprune.lirpa import BoundedProxy
-from certprune.models import Normalize
+from helpers import conv_net, trained_7x7
 
 
 EPS = 0.02  # for the trained 7x7 net: about a tenth of its test images falsified
@@ -113,14 +113,6 @@ def test_a_tiny_net_has_both_verified_and_falsified_cases():
     assert statuses == {"verified", "falsified"}
 
 
-def conv_net(seed=0, second_conv=True):
-    """For 7x7 images: Normalize, one or two convolutions, two linears."""
-    torch.manual_seed(seed)
-    convs = [nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU()] + ([nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU()] if second_conv else [])
-    return nn.Sequential(Normalize([0.3], [0.4]), *convs, nn.Flatten(), nn.Linear(64, 16), nn.ReLU(),
-                         nn.Linear(16, 10)).eval()
-
-
 def test_the_program_computes_exactly_what_the_model_does():
     """Normalize, the convolutions as sparse matrices and the linears reproduce the forward pass in float64."""
     model = conv_net().double()
@@ -134,20 +126,7 @@ def test_the_program_computes_exactly_what_the_model_does():
 
 @pytest.fixture(scope="module")
 def trained():
-    """A small conv net trained for a few seconds on 7x7 MNIST: some images verified, some falsified."""
-    torch.manual_seed(0)
-    data = load_dataset("mnist-embedded")
-    shrink = lambda images: nn.functional.avg_pool2d(images, 4)  # noqa: E731
-    x, y = shrink(data.train_x[:2000]), data.train_y[:2000]
-    model = conv_net(second_conv=False)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for step in range(60):
-        batch = torch.randint(0, len(x), (128,))
-        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), shrink(data.test_x[:30]), data.test_y[:30]
+    return trained_7x7()
 
 
 def settings(**changes):

@@ -113,7 +113,8 @@ def test_a_loss_that_stops_being_finite_stops_training_and_keeps_the_last_good_c
 
 
 @pytest.mark.parametrize("command, message", [
-    (["verify", "--from", "{run}"], "interrupted; nothing was recorded"),
+    (["verify", "--from", "{run}"], "decided images are kept in the run's verify TSV (rerun the same command"),
+    (["evaluate", "--from", "{run}"], "interrupted; nothing was recorded"),
     (["sweep", "--out", "{tmp}/sweep", "--from", "{run}", "--set", "k=[0.5]", "--set", "verify=null"],
      "rerun the same sweep command"),
 ])
