@@ -24,7 +24,7 @@ from torch import nn
 
 from certprune.attacks import PGD
 from certprune.certify.milp_encoding import Network, Program, network, program, tightened_bounds
-from certprune.lirpa import BoundedProxy, input_box, margin_spec
+from certprune.lirpa import BoundedProxy, input_box, spec_of
 
 log = logging.getLogger("certprune")
 # Margins within TOLERANCE of 0 are left undecided: HiGHS's feasibility tolerances (1e-6 .. 1e-7) and float32
@@ -122,16 +122,6 @@ def check_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label:
 def check_counterexample(model: nn.Module, x: torch.Tensor, label: int, eps: float, candidate: torch.Tensor):
     """:func:`check_box` on the clipped L-inf ball of ``x``, every other class."""
     return check_box(model, *input_box(x, eps), label, None, candidate)
-
-
-def spec_of(labels: torch.Tensor, others, num_classes: int) -> torch.Tensor:
-    """The rows ``e_label - e_j`` for ``j`` in each property's ``others`` (None: :func:`margin_spec`), padded to the
-    longest by repeating a property's first row (the minimum over rows is unchanged)."""
-    if others is None:
-        return margin_spec(labels, num_classes)
-    eye, width = torch.eye(num_classes, device=labels.device), max(len(o) for o in others)
-    rows = [eye[int(label)] - eye[list(o) + [o[0]] * (width - len(o))] for label, o in zip(labels, others)]
-    return torch.stack(rows)
 
 
 def _crown_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, spec: torch.Tensor,

@@ -8,9 +8,10 @@ The property proves robust when ``logit_label > logit_j`` for every such ``j`` o
 (a conjunction of output atoms, input disjunctions, strict comparisons, other variables) is a one-line ValueError
 that names the line.
 
-Decimals are read exactly (``fractions.Fraction``) and rounded outward to float32, the models' precision: each
-lower bound to a float32 <= it, each upper bound to one >= it, so the box checked is never narrower than the file's
-and is wider by at most about a float32 ulp per side.
+Decimals are read exactly (``fractions.Fraction``) and rounded to float32, the models' precision, two ways: outward
+(``lower``, ``upper``: each lower bound to a float32 <= it, each upper bound to one >= it), the box a proof covers,
+never narrower than the file's and wider by at most a float32 ulp per side; and inward (``inner_lower``,
+``inner_upper``), the float32 points that lie in the file's exact box, where a counterexample must lie.
 """
 from __future__ import annotations
 
@@ -31,17 +32,22 @@ _exact = functools.lru_cache(maxsize=65536)(Fraction)  # a box has few distinct 
 
 @dataclass
 class Property:
-    """The box ``lower <= x <= upper`` (flat, float32) and "``label`` beats every class in ``others``"."""
+    """The box ``lower <= x <= upper`` (flat, float32; ``inner_*`` rounded inward) and "``label`` beats every class
+    in ``others``"."""
     lower: torch.Tensor
     upper: torch.Tensor
     label: int
     others: tuple[int, ...]
     num_outputs: int
+    inner_lower: torch.Tensor
+    inner_upper: torch.Tensor
 
     def spec(self) -> torch.Tensor:
-        """Rows ``e_label - e_j`` for ``j`` in ``others``, like :func:`certprune.lirpa.margin_spec` for one input."""
-        eye = torch.eye(self.num_outputs)
-        return eye[self.label] - eye[list(self.others)]
+        """The ``(len(others), num_outputs)`` matrix of rows ``e_label - e_j``: a proven lower bound > 0 of
+        ``spec @ logits`` over the box proves the property (:func:`certprune.lirpa.spec_of` for one input)."""
+        from certprune.lirpa import spec_of  # auto_LiRPA loads only for bounds
+
+        return spec_of(torch.tensor([self.label]), [self.others], self.num_outputs)[0]
 
 
 class _Form(list):
@@ -70,7 +76,7 @@ def _forms(text: str, name: str) -> list:
 
 @functools.lru_cache(maxsize=65536)
 def _rounded(value: Fraction, down: bool) -> float:
-    """The float32 nearest ``value`` on the outside: <= it (``down``) or >= it."""
+    """The float32 nearest ``value`` that is <= it (``down``) or >= it."""
     candidate, toward = np.float32(float(value)), np.float32(-np.inf if down else np.inf)
     while (Fraction(float(candidate)) > value) if down else (Fraction(float(candidate)) < value):
         candidate = np.nextafter(candidate, toward)
@@ -138,8 +144,10 @@ class _Reader:
                 self.bound(self.atom(term, body))
             return
         if head == "or":
-            terms = [term[1] if isinstance(term, list) and term[:1] == ["and"] and len(term) == 2 else term
-                     for term in body[1:]]
+            if any(isinstance(term, list) and term[:1] == ["and"] and len(term) != 2 for term in body[1:]):
+                self.fail(body, "each disjunct must be one output comparison; conjunctions inside the disjunction "
+                          "are not supported")
+            terms = [term[1] if isinstance(term, list) and term[:1] == ["and"] else term for term in body[1:]]
         else:
             terms = [body[1]] if head == "and" and len(body) == 2 else [body]
         atoms = [self.atom(term, form) for term in terms]
@@ -176,12 +184,12 @@ class _Reader:
                 self.fail(self.lines["X", i], f"X_{i} needs both a lower and an upper bound")
             if self.lower[i] > self.upper[i]:
                 self.fail(self.lines["X", i], f"X_{i}'s bounds are empty ({self.lower[i]} > {self.upper[i]})")
-        lower = _outward([self.lower[i] for i in range(self.sizes["X"])], down=True)
-        upper = _outward([self.upper[i] for i in range(self.sizes["X"])], down=False)
-        return Property(lower, upper, label, others, self.sizes["Y"])
+        lower, upper = ([bounds[i] for i in range(self.sizes["X"])] for bounds in (self.lower, self.upper))
+        return Property(_float32(lower, down=True), _float32(upper, down=False), label, others, self.sizes["Y"],
+                        _float32(lower, down=False), _float32(upper, down=True))
 
 
-def _outward(values: list[Fraction], down: bool) -> torch.Tensor:
+def _float32(values: list[Fraction], down: bool) -> torch.Tensor:
     return torch.tensor([_rounded(value, down) for value in values], dtype=torch.float32)
 
 

@@ -53,6 +53,16 @@ def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return spec[keep].view(len(labels), num_classes - 1, num_classes)
 
 
+def spec_of(labels: torch.Tensor, others, num_classes: int) -> torch.Tensor:
+    """The rows ``e_label - e_j`` for ``j`` in each property's ``others`` (None: :func:`margin_spec`), padded to the
+    longest by repeating a property's first row (the minimum over rows is unchanged)."""
+    if others is None:
+        return margin_spec(labels, num_classes)
+    eye, width = torch.eye(num_classes, device=labels.device), max(len(o) for o in others)
+    rows = [eye[int(label)] - eye[list(o) + [o[0]] * (width - len(o))] for label, o in zip(labels, others)]
+    return torch.stack(rows)
+
+
 def input_box(x: torch.Tensor, eps: float, lower: float = 0.0, upper: float = 1.0):
     """The L-inf ball of radius ``eps`` around ``x`` clipped to the valid pixel domain ``[lower, upper]``."""
     return (x - eps).clamp(lower, upper), (x + eps).clamp(lower, upper)
