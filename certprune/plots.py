@@ -60,6 +60,67 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
     return _save(figure, path)
 
 
+LADDER = {  # lower to upper: what is proven, what is exactly true, what the attacks leave
+    "verified_acc": ("verified (sound bounds)", "-", "o"),
+    "robust_acc_exact": ("exact (MILP, every image decided)", "", "*"),
+    "autoattack_acc": ("AutoAttack", ":", "^"),
+    "pgd_acc": ("PGD", "--", "v"),
+}
+
+
+def ladder_metrics(rows: list[dict[str, Any]]) -> list[str]:
+    """The robustness figures of :data:`LADDER` that some run has."""
+    return [metric for metric in LADDER if any(isinstance(row.get(metric), (int, float)) for row in rows)]
+
+
+def ladder_points(rows: list[dict[str, Any]], method: str) -> dict[str, dict[float, float]]:
+    """Per ladder metric, sparsity (%) -> the mean over seeds (%), for ``method``'s runs and the dense ones."""
+    lines = {}
+    for metric in ladder_metrics(rows):
+        by_k: dict[float, list[tuple[float, float]]] = {}
+        for row in rows:
+            if row.get("method") in (method, "dense") and isinstance(row.get(metric), (int, float)):
+                by_k.setdefault(row["k"], []).append((100 * row["sparsity"], 100 * row[metric]))
+        if by_k:
+            lines[metric] = dict(sorted((statistics.mean(s for s, _ in group), statistics.mean(v for _, v in group))
+                                        for group in by_k.values()))
+    return lines
+
+
+def band(lines: dict[str, dict[float, float]]) -> list[tuple[float, float, float]]:
+    """``(sparsity, verified, strongest attack)`` where both are known: the true robust accuracy lies between."""
+    attacks = [lines[m] for m in ("pgd_acc", "autoattack_acc") if m in lines]
+    if "verified_acc" not in lines or not attacks:
+        return []
+    shared = sorted(set(lines["verified_acc"]).intersection(*attacks))
+    return [(x, lines["verified_acc"][x], min(attack[x] for attack in attacks)) for x in shared]
+
+
+def plot_ladder(rows: list[dict[str, Any]], path: Path, title: str | None = None) -> Path:
+    """Every robustness figure the runs have against sparsity, one panel per method: the true robust accuracy lies in
+    the shaded band between the verified figure (a proof, below) and the strongest attack's (above); the MILP's
+    exact figure, where every image was decided, sits inside it. Points are means over seeds, dense at 0 %."""
+    methods = [m for m in ("hydra", "lwm") if any(r.get("method") == m for r in rows)] or ["dense"]
+    figure, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 4), sharey=True, squeeze=False)
+    for axis, method in zip(axes[0], methods):
+        lines = ladder_points(rows, method)
+        for metric, points in lines.items():
+            label, style, marker = LADDER[metric]
+            axis.plot(list(points), list(points.values()), linestyle=style or "none", marker=marker,
+                      color=COLORS[method], label=label)
+        if band(lines):
+            xs, lower, upper = zip(*band(lines))
+            axis.fill_between(xs, lower, upper, color=COLORS[method], alpha=0.12,
+                              label="true robust accuracy lies here")
+        axis.set_title(method.upper())
+        axis.set_xlabel("sparsity (% of prunable weights removed)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
+    axes[0][0].set_ylabel("accuracy (%)")
+    figure.suptitle(title or "verified, exact and attacked accuracy against sparsity")
+    return _save(figure, path)
+
+
 def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str = "certified_acc",
                    title: str | None = None) -> Path:
     """Certified accuracy against L2 radius at one ``k``: HYDRA and LWM pruned to ``k``, dense dashed.

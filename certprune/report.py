@@ -14,7 +14,7 @@ from typing import Any
 from .atomic import atomic_write_text
 from .config import Config
 from .evaluation import SECTIONS, configured_keys
-from .plots import is_fraction, plot_vs_radius, plot_vs_sparsity
+from .plots import LADDER, is_fraction, ladder_metrics, plot_ladder, plot_vs_radius, plot_vs_sparsity
 from .runs import RunError, evaluation, read_config, read_metrics
 
 
@@ -22,6 +22,11 @@ def with_records(rows: list[dict[str, Any]], config: Config) -> list[dict[str, A
     """Each run's metrics with ``records``: per section, the record made with ``config``'s settings (or {})."""
     keys = configured_keys(config)
     return [{**row, "records": {section: evaluation(row, key) for section, key in keys.items()}} for row in rows]
+
+
+def with_ladder(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows (with ``records``) that carry every robustness figure of :data:`LADDER` at the top, for the plots."""
+    return [{**row, **{name: figure(row, name)[1] for name in LADDER}} for row in rows]
 
 
 def record(row: dict[str, Any], section: str | None) -> dict[str, Any]:
@@ -75,7 +80,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     rows = with_records(rows, config)
     metric = config.report_metric
     section = next((figure(r, metric)[0] for r in rows if figure(r, metric)[0]), None)
-    columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *config.report_columns, "seconds"]
+    ladder = [name for name in LADDER if name != metric]  # verified, exact and attacked accuracy side by side
+    columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *ladder, *config.report_columns, "seconds"]
     columns = [c for c in dict.fromkeys(columns) if c in ("run", "clean_acc") or any(figure(r, c)[1] is not None
                                                                                    for r in rows)]
     loss = {key: value for key, value in config.loss.items() if key in ("name", "eps", "sigma", "beta")}
@@ -97,6 +103,10 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(column, _value(row, column, section)) for column in columns) + " |")
+    ladder_rows = with_ladder(rows)
+    if len(ladder_metrics(ladder_rows)) > 1:
+        lines += ["", "`robustness.png`: " + ", ".join(f"`{m}`" for m in ladder_metrics(ladder_rows)) + " against "
+                  "sparsity; the true robust accuracy lies between the verified figure and the strongest attack's."]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "summary.json",
                       json.dumps(summary(rows, section, metric, config.prune.allocation), indent=2) + "\n")
@@ -105,6 +115,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     covered = _covers(section, made)
     title = f"{config.model}, {config.dataset}: {metric}{covered}" + (f", {len(seeds)} seeds" if len(seeds) > 1 else "")
     plot_vs_sparsity(plot_rows, metric, out / "sparsity.png", title=title)
+    if len(ladder_metrics(ladder_rows)) > 1:
+        plot_ladder(ladder_rows, out / "robustness.png", title=f"{config.model}, {config.dataset}: verified, exact "
+                    "and attacked accuracy" + (f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""))
     smoothing = [{**row, **record(row, "smoothing")} for row in rows]
     if any(isinstance(row.get("certified_acc"), dict) for row in smoothing):  # one figure per k
         for k in config.k:

@@ -1,0 +1,62 @@
+"""Specification of a sweep's report beside its certificates: verified, exact and attacked accuracy side by side in
+results.md, and the band in robustness.png where the true robust accuracy must lie."""
+import pytest
+
+from certprune.evaluation import configured_keys
+from certprune.plots import band, ladder_points
+from certprune.report import with_ladder, with_records, write_report
+from helpers import tiny_config
+
+CONFIG = tiny_config(k=[0.1], prune_methods=["hydra", "lwm"], verify={"bound_methods": ["IBP", "MILP"]},
+                     attack={"steps": 5}, autoattack={})
+
+
+PGD = {"norm": "linf", "eps": 0.05, "steps": 5, "restarts": 1, "seed": 0}
+AUTOATTACK = {"norm": "linf", "eps": 0.05, "version": "standard", "seed": 0}
+
+
+def run_metrics(method, k, seed, verified, exact, pgd, autoattack):
+    keys = configured_keys(CONFIG)
+    images = {"set": "test", "count": 64, "of": 1500, "skip": 1, "first": 0, "last": 63}
+    verify = {"images": images, "settings": {"bound_methods": ["IBP", "MILP"], "eps": 0.05}, "clean_acc": 0.9,
+              "verified_acc": verified, **({"robust_acc_exact": exact} if exact is not None else {})}
+    return {"run": f"{method}-k{k}", "method": method, "k": k, "sparsity": 1 - k, "seed": seed, "seconds": 1.0,
+            "evaluations": {keys["verify"]: verify,
+                            keys["attack"]: {"images": images, "settings": PGD, "clean_acc": 0.9, "pgd_acc": pgd},
+                            keys["autoattack"]: {"images": images, "settings": AUTOATTACK, "clean_acc": 0.9,
+                                                 "autoattack_acc": autoattack}}}
+
+
+ROWS = [run_metrics("dense", 1.0, 0, 0.80, 0.82, 0.86, 0.84),
+        run_metrics("hydra", 0.1, 0, 0.70, None, 0.78, 0.75),
+        run_metrics("hydra", 0.1, 1, 0.72, None, 0.76, 0.77),
+        run_metrics("lwm", 0.1, 0, 0.60, 0.61, 0.70, 0.66)]
+
+
+def test_results_show_verified_exact_pgd_and_autoattack_side_by_side(tmp_path):
+    write_report(ROWS, tmp_path, CONFIG)
+    text = (tmp_path / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| run"))
+    assert header.split(" | ")[5:9] == ["verified_acc", "robust_acc_exact", "autoattack_acc", "pgd_acc"]
+    assert "| lwm-k0.1 | lwm | 0.1 | 90.0 | 90.0 | 60.0 | 61.0 | 66.0 | 70.0 |" in text
+    assert "| hydra | 0.1 | 2 | 90.0 ± 0.0 | 90.0 ± 0.0 | 71.0 ± 1.4 |  | 76.0 ± 1.4 | 77.0 ± 1.4 |" in text
+    assert "- `attack`: PGD-5 (linf, eps 0.05, step auto, 1 restart(s), seed 0); 64 of 1500 test images." in text
+    assert "- `autoattack`: AutoAttack standard (linf, eps 0.05, seed 0); 64 of 1500 test images." in text
+    assert (tmp_path / "robustness.png").stat().st_size > 10_000
+
+
+def test_the_band_runs_from_the_verified_figure_to_the_strongest_attack():
+    lines = ladder_points(with_ladder(with_records(ROWS, CONFIG)), "hydra")
+    assert lines["verified_acc"] == {0.0: pytest.approx(80.0), 90.0: pytest.approx(71.0)}  # dense, mean of 2 seeds
+    assert band(lines) == [(0.0, pytest.approx(80.0), pytest.approx(84.0)),  # AutoAttack below PGD on dense
+                           (90.0, pytest.approx(71.0), pytest.approx(76.0))]  # and on HYDRA's mean
+    assert "robust_acc_exact" in lines and 90.0 not in lines["robust_acc_exact"]  # HYDRA's MILP left some unknown
+
+
+def test_a_sweep_with_verified_accuracy_alone_draws_no_ladder(tmp_path):
+    config = tiny_config(k=[0.1], prune_methods=["hydra"])
+    rows = [{**row, "evaluations": {configured_keys(config)["verify"]: next(
+        r for key, r in row["evaluations"].items() if key.startswith("verify"))}} for row in ROWS[1:3]]
+    write_report(rows, tmp_path, config)
+    assert not (tmp_path / "robustness.png").exists()
+    assert "pgd_acc" not in (tmp_path / "results.md").read_text()
