@@ -128,7 +128,8 @@ class AutoAttackConfig(ImageSelection):
     seed: StrictInt | None = None  # None: the run's seed
 
 
-NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "seeds", "prune_methods", "report_metric", "report_columns")
+NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "seeds", "allocations", "prune_methods", "report_metric",
+                "report_columns")
 
 
 class Config(Section):
@@ -148,6 +149,8 @@ class Config(Section):
     train_norm_in_prune: StrictBool = True
     k: Annotated[list[K], AfterValidator(_unique)] = Field(default_factory=lambda: [0.1, 0.05, 0.01], min_length=1)
     seeds: list[Annotated[StrictInt, Field(ge=0)]] | None = Field(None, min_length=1)  # a sweep's, one per run
+    # a sweep's: prune with each of these in turn (prune.allocation is then ignored); None: prune.allocation alone
+    allocations: Annotated[list[str], AfterValidator(_unique)] | None = Field(None, min_length=1)
     prune_methods: Annotated[list[Literal["hydra", "lwm"]], AfterValidator(_unique)] = Field(
         default_factory=lambda: ["hydra", "lwm"], min_length=1)
     verify: VerifyConfig | None = Field(default_factory=VerifyConfig)
@@ -184,8 +187,9 @@ class Config(Section):
                                  f"(set {section}.eps, or {section}=null)")
         if self.smoothing is not None and self.smoothing.sigma is None and "sigma" not in self.loss:
             raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma, or --sigma)")
-        _check_allocation(self.prune.allocation)
-        _check_granularity(self.prune.granularity, self.prune.allocation, self.model)
+        for allocation in [self.prune.allocation, *(self.allocations or [])]:
+            _check_allocation(allocation)
+            _check_granularity(self.prune.granularity, allocation, self.model)
         _check_augment(self.augment, self.dataset)
         return self
 
@@ -227,7 +231,7 @@ def _check_allocation(allocation: str) -> None:
 
     choices = getattr(masking, "ALLOCATIONS", ("layerwise",))
     if allocation not in choices:
-        raise ValueError(f"prune.allocation: unknown allocation {allocation!r}; choose from {', '.join(choices)}")
+        raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(choices)}")
 
 
 @functools.lru_cache(maxsize=None)

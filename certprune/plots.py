@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLORS = {"hydra": "tab:blue", "lwm": "tab:orange", "dense": "black"}
+LINE_STYLES = ("-", "--", ":", "-.")  # one per allocation of a sweep
 
 
 def _save(figure, path: Path) -> Path:
@@ -34,20 +35,25 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
     label = label or metric.replace("_", " ")
     scale, unit = (100, " (%)") if is_fraction(metric) else (1, "")
     figure, axis = plt.subplots(figsize=(6, 4))
+    allocations = sorted({r.get("allocation") for r in rows if r.get("method") in ("hydra", "lwm")}, key=str)
     for method in ("hydra", "lwm"):
-        by_k: dict[float, list[tuple[float, float]]] = {}
-        for r in rows:
-            if r.get("method") == method and r.get(metric) is not None:
-                by_k.setdefault(r["k"], []).append((r["sparsity"], r[metric]))
-        if by_k:  # one point per k: the mean over seeds, the sample standard deviation as an error bar
+        for style, allocation in zip(LINE_STYLES, allocations):
+            by_k: dict[float, list[tuple[float, float]]] = {}
+            for r in rows:
+                if r.get("method") == method and r.get("allocation") == allocation and r.get(metric) is not None:
+                    by_k.setdefault(r["k"], []).append((r["sparsity"], r[metric]))
+            if not by_k:
+                continue
+            # one point per k: the mean over seeds, the sample standard deviation as an error bar
             points = sorted((statistics.mean(s for s, _ in group), [scale * v for _, v in group])
                             for group in by_k.values())
             for group in by_k.values():  # every seed's own point, under the mean
                 axis.scatter([100 * s for s, _ in group], [scale * v for _, v in group], s=10, alpha=0.35,
                              color=COLORS[method])
             axis.errorbar([100 * s for s, _ in points], [statistics.mean(v) for _, v in points],
-                          yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], fmt="o-",
-                          capsize=3, color=COLORS[method], label=method.upper())
+                          yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], fmt="o",
+                          linestyle=style, capsize=3, color=COLORS[method],
+                          label=method.upper() + (f" ({allocation})" if len(allocations) > 1 else ""))
     dense = [scale * row[metric] for row in rows if row.get("method") == "dense" and row.get(metric) is not None]
     if dense:
         axis.axhline(statistics.mean(dense), color=COLORS["dense"], linestyle="--",

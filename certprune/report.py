@@ -87,7 +87,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     loss = {key: value for key, value in config.loss.items() if key in ("name", "eps", "sigma", "beta")}
     lines = [f"# certprune sweep: {config.model} on {config.dataset}", "",
              f"Loss {loss}; epochs pretrain {config.pretrain.epochs}, prune {config.prune.epochs}, finetune "
-             f"{config.finetune.epochs} (LWM: prune + finetune of fine-tuning); allocation {config.prune.allocation};"
+             f"{config.finetune.epochs} (LWM: prune + finetune of fine-tuning); allocation "
+             f"{', '.join(config.allocations or [config.prune.allocation])};"
              f" seed {config.seed}.", "",
              f"Accuracies and sparsity in %; `clean_acc` is on the images of `{metric}`'s evaluation; seconds are "
              "training plus evaluation per run. Each evaluation covers:", ""]
@@ -99,6 +100,11 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     if len(seeds) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
                   "(n = the number of seeds each row has):", ""] + _mean_table(rows, section, metric, columns)
+    paired = _paired_table(rows, section, metric)
+    if paired:
+        lines += ["", f"HYDRA − LWM in points of `{metric}`, paired by seed (both pruned from that seed's dense "
+                  "model): the mean ± sample sd of the per-seed differences.", "", *paired]
+    if len(seeds) > 1 or paired:
         lines += ["", "Every run:"]
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -109,7 +115,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
                   "sparsity; the true robust accuracy lies between the verified figure and the strongest attack's."]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "summary.json",
-                      json.dumps(summary(rows, section, metric, config.prune.allocation), indent=2) + "\n")
+                      json.dumps(summary(rows, section, metric), indent=2) + "\n")
     plot_rows = [{**row, metric: figure(row, metric)[1]} for row in rows]
     made = next((record(r, section) for r in rows if record(r, section)), {})
     covered = _covers(section, made)
@@ -160,20 +166,25 @@ def _value(row: dict[str, Any], column: str, section: str | None) -> Any:
     return figure(row, column)[1]
 
 
+def _allocation(row: dict[str, Any]) -> str | None:
+    return None if row.get("method") == "dense" else row.get("allocation", "layerwise")
+
+
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Runs by (method, k): the seeds of one setting (HYDRA and LWM of a seed share that seed's dense model)."""
+    """Runs by (method, allocation, k): the seeds of one setting (every run of a seed is pruned from that seed's
+    dense model)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row.get("method"), row.get("k")), []).append(row)
+        groups.setdefault((row.get("method"), _allocation(row), row.get("k")), []).append(row)
     return groups
 
 
-def summary(rows: list[dict[str, Any]], section: str | None, metric: str, allocation: str) -> list[dict[str, Any]]:
+def summary(rows: list[dict[str, Any]], section: str | None, metric: str) -> list[dict[str, Any]]:
     """``summary.json``'s rows: the report metric's mean, sample sd (0 for one seed), n and values per setting."""
     out = []
-    for (method, k), members in _groups(rows).items():
+    for (method, allocation, k), members in _groups(rows).items():
         values = [v for v in (_value(r, metric, section) for r in members) if isinstance(v, (int, float))]
-        out.append({"method": method, "allocation": None if method == "dense" else allocation, "k": k,
+        out.append({"method": method, "allocation": allocation, "k": k,
                     "metric": metric, "mean": statistics.mean(values) if values else None,
                     "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
                     "values": values, "seeds": [r.get("seed") for r in members]})
@@ -182,11 +193,11 @@ def summary(rows: list[dict[str, Any]], section: str | None, metric: str, alloca
 
 def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, columns: list[str]) -> list[str]:
     groups = _groups(rows)
-    shown = ["method", "k", "n"] + [c for c in columns if c not in ("run", "method", "k")]
+    shown = ["method", "allocation", "k", "n"] + [c for c in columns if c not in ("run", "method", "k")]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    for (method, k), members in groups.items():
-        cells = [str(method), f"{k:g}", str(len(members))]
-        for column in shown[3:]:
+    for (method, allocation, k), members in groups.items():
+        cells = [str(method), allocation or "", f"{k:g}", str(len(members))]
+        for column in shown[4:]:
             values = [v for v in (_value(r, column, section) for r in members) if isinstance(v, (int, float))]
             scale = 100 if _percent(column) else 1
             if not values:
@@ -197,3 +208,39 @@ def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, co
                 cells.append(f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _spread(values: list[float]) -> str:
+    """``mean ± sd`` in percentage points (the sd only with several values)."""
+    mean = 100 * statistics.mean(values)
+    return f"{mean:+.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:+.1f}"
+
+
+def paired_differences(rows: list[dict[str, Any]], section: str | None, metric: str) -> list[dict[str, Any]]:
+    """HYDRA against LWM at each (allocation, k), paired by seed (both pruned from that seed's dense model): against
+    LWM under the same allocation, and against the best LWM at that k (the allocation with the highest mean)."""
+    values = {key: {r.get("seed"): _value(r, metric, section) for r in members} for key, members in _groups(rows).items()}
+    out = []
+    for (method, allocation, k), hydra in values.items():
+        if method != "hydra":
+            continue
+        lwm = {a: by_seed for (m, a, kk), by_seed in values.items() if m == "lwm" and kk == k}
+        if not lwm:
+            continue
+        best = max(lwm, key=lambda a: statistics.mean(v for v in lwm[a].values() if v is not None))
+        row = {"allocation": allocation, "k": k, "best_lwm_allocation": best}
+        for name, other in (("same", lwm.get(allocation, {})), ("best", lwm[best])):
+            row[name] = [hydra[seed] - other[seed] for seed in hydra
+                         if seed in other and hydra[seed] is not None and other[seed] is not None]
+        out.append(row)
+    return out
+
+
+def _paired_table(rows: list[dict[str, Any]], section: str | None, metric: str) -> list[str]:
+    lines = ["| allocation | k | HYDRA − LWM, same allocation | n | HYDRA − best LWM | best LWM's allocation | n |",
+             "|---|---|---|---|---|---|---|"]
+    for row in paired_differences(rows, section, metric):
+        same, best = row["same"], row["best"]
+        lines.append(f"| {row['allocation']} | {row['k']:g} | {_spread(same) if same else ''} | {len(same)} | "
+                     f"{_spread(best) if best else ''} | {row['best_lwm_allocation']} | {len(best)} |")
+    return lines if len(lines) > 2 else []

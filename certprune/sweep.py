@@ -1,4 +1,5 @@
-"""Several k x methods from one config: a dense run, then HYDRA and LWM at every k, a table and a plot.
+"""Several k x methods (x allocations x seeds) from one config: a dense run per seed, then HYDRA and LWM at every k
+under every allocation, pruned from that seed's dense model; a table and plots.
 
 Finished runs are reused only when their training settings are this config's (otherwise the sweep refuses in one
 line); unfinished ones resume; evaluations whose settings changed run again on the finished models. So an
@@ -22,9 +23,10 @@ DENSE = "dense"
 log = logging.getLogger("certprune")
 
 
-def run_name(method: str, k: float | None, seed: int | None = None) -> str:
-    """``hydra-k0.05``, ``dense``; with a sweep's seeds ``hydra-k0.05-s1``, ``dense-s1``."""
-    base = DENSE if method == DENSE else f"{method}-k{k:g}"
+def run_name(method: str, k: float | None, seed: int | None = None, allocation: str | None = None) -> str:
+    """``hydra-k0.05``, ``dense``; with a sweep's seeds ``hydra-k0.05-s1``, ``dense-s1``; with its allocations
+    ``hydra-erk-k0.05``."""
+    base = DENSE if method == DENSE else f"{method}-{allocation}-k{k:g}" if allocation else f"{method}-k{k:g}"
     return base if seed is None else f"{base}-s{seed}"
 
 
@@ -38,41 +40,52 @@ def _check_reusable(run_dir: Path, config: Config, dense: bool) -> None:
                        "sweep into another --out")
 
 
+def _variant(config: Config, seed: int | None, allocation: str | None) -> Config:
+    """The config of one seed's runs under one allocation (the sweep's own where it names neither)."""
+    update = {"seed": seed} if seed is not None else {}
+    if allocation is not None:
+        update["prune"] = config.prune.model_copy(update={"allocation": allocation})
+    return config.model_copy(update=update) if update else config
+
+
 def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> list[dict[str, Any]]:
     """Run the sweep into ``out`` and write ``results.md`` and ``sparsity.png``; returns every run's metrics.
 
-    With ``seeds``, every run (dense included) is made once per seed, and the report gives mean and spread."""
+    With ``seeds``, every run (dense included) is made once per seed, and the report gives mean and spread. With
+    ``allocations``, every pruned run is made once per allocation, each from the same dense model."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file")
     if source is not None and config.seeds is not None:
         raise RunError("--from gives one dense run; a sweep with seeds pretrains one per seed")
     seeds = config.seeds if config.seeds is not None else [None]
-    plan = [(seed, name, method, k) for seed in seeds
-            for name, method, k in [(run_name(DENSE, None, seed), DENSE, None)]
-            + [(run_name(m, k, seed), m, k) for k in config.k for m in config.prune_methods]]
-    configs = {seed: config if seed is None else config.model_copy(update={"seed": seed}) for seed in seeds}
+    allocations = config.allocations or [None]
+    plan = [(seed, name, method, k, allocation) for seed in seeds
+            for name, method, k, allocation in [(run_name(DENSE, None, seed), DENSE, None, None)]
+            + [(run_name(m, k, seed, a), m, k, a) for k in config.k for a in allocations for m in config.prune_methods]]
+    configs = {(seed, allocation): _variant(config, seed, allocation) for seed in seeds for allocation in allocations}
+    configs.update({(seed, None): _variant(config, seed, None) for seed in seeds})
     if source is not None and not is_finished(Path(source)):
         raise RunError(f"--from {source} holds no finished run")
-    for seed, name, method, _ in plan:  # refuse before any training, not after hours of it
+    for seed, name, method, _, allocation in plan:  # refuse before any training, not after hours of it
         if method != DENSE or source is None:
-            _check_reusable(out / name, configs[seed], dense=method == DENSE)
+            _check_reusable(out / name, configs[seed, allocation], dense=method == DENSE)
     data = load_data(config)
     device = resolve_device(config.device)
     rows = []
-    for number, (seed, name, method, k) in enumerate(plan, start=1):
+    for number, (seed, name, method, k, allocation) in enumerate(plan, start=1):
         dense_dir = Path(source) if source is not None else out / run_name(DENSE, None, seed)
-        run_dir = dense_dir if method == DENSE else out / name
+        run_dir, run_config = (dense_dir if method == DENSE else out / name), configs[seed, allocation]
         if not is_finished(run_dir):
             log.info("sweep %s: training %s (%d of %d)", out, name, number, len(plan))
             if method == DENSE:
-                pretrain(configs[seed], run_dir, resume=True, data=data)
+                pretrain(run_config, run_dir, resume=True, data=data)
             else:
-                prune(configs[seed], run_dir, k, method, dense_dir, resume=True, data=data)
-        missing = missing_evaluations(run_dir, configs[seed])
+                prune(run_config, run_dir, k, method, dense_dir, resume=True, data=data)
+        missing = missing_evaluations(run_dir, run_config)
         if missing:
             log.info("sweep %s: evaluating %s (%s)", out, name, ", ".join(missing))
-            evaluate_configured(run_dir, configs[seed], device, sections=missing, data=data)
+            evaluate_configured(run_dir, run_config, device, sections=missing, data=data)
         rows.append({**read_metrics(run_dir), "run": name})
     if distributed.is_main():  # under torchrun rank 0 writes the report
         write_report(rows, out, config)

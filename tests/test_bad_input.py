@@ -55,6 +55,9 @@ def files(directory):
     (["--set", "k=[0.1,0.1]"], "config k: lists each value once"),
     (["--set", "attack={step_size: 0}"], "attack.step_size: Input should be greater than 0"),
     (["--set", "verify.eps=true"], "eps must be a number or a fraction like 8/255, got True"),
+    (["--set", "allocations=[layerwise, uniform]"], "unknown allocation 'uniform'; choose from layerwise, global"),
+    (["--set", "allocations=[]"], "allocations: Value should have at least 1 item"),
+    (["--set", "allocations=[erk, erk]"], "allocations: lists each value once"),
 ])
 def test_bad_training_input_fails_in_one_line_and_leaves_no_file(tmp_path, args, fragment):
     for command in (["pretrain"], ["sweep"]):

@@ -1,10 +1,13 @@
 """Specification of a sweep's report beside its certificates: verified, exact and attacked accuracy side by side in
 results.md, and the band in robustness.png where the true robust accuracy must lie."""
+import json
+
 import pytest
 
 from certprune.evaluation import configured_keys
 from certprune.plots import band, ladder_points
 from certprune.report import with_ladder, with_records, write_report
+from certprune.sweep import sweep
 from helpers import tiny_config
 
 CONFIG = tiny_config(k=[0.1], prune_methods=["hydra", "lwm"], verify={"bound_methods": ["IBP", "MILP"]},
@@ -39,7 +42,7 @@ def test_results_show_verified_exact_pgd_and_autoattack_side_by_side(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| run"))
     assert header.split(" | ")[5:9] == ["verified_acc", "robust_acc_exact", "autoattack_acc", "pgd_acc"]
     assert "| lwm-k0.1 | lwm | 0.1 | 90.0 | 90.0 | 60.0 | 61.0 | 66.0 | 70.0 |" in text
-    assert "| hydra | 0.1 | 2 | 90.0 ± 0.0 | 90.0 ± 0.0 | 71.0 ± 1.4 |  | 76.0 ± 1.4 | 77.0 ± 1.4 |" in text
+    assert "| hydra | layerwise | 0.1 | 2 | 90.0 ± 0.0 | 90.0 ± 0.0 | 71.0 ± 1.4 |  | 76.0 ± 1.4 | 77.0 ± 1.4 |" in text
     assert "- `attack`: PGD-5 (linf, eps 0.05, step auto, 1 restart(s), seed 0); 64 of 1500 test images." in text
     assert "- `autoattack`: AutoAttack standard (linf, eps 0.05, seed 0); 64 of 1500 test images." in text
     assert (tmp_path / "robustness.png").stat().st_size > 10_000
@@ -60,3 +63,32 @@ def test_a_sweep_with_verified_accuracy_alone_draws_no_ladder(tmp_path):
     write_report(rows, tmp_path, config)
     assert not (tmp_path / "robustness.png").exists()
     assert "pgd_acc" not in (tmp_path / "results.md").read_text()
+
+
+def test_hydra_is_compared_with_lwm_paired_by_seed_under_its_allocation_and_against_the_best_lwm(tmp_path):
+    def pruned(method, allocation, seed, verified):
+        return {**run_metrics(method, 0.01, seed, verified, None, 0.9, 0.9), "allocation": allocation}
+
+    rows = [pruned("hydra", "learned", 0, 0.80), pruned("hydra", "learned", 1, 0.84),
+            pruned("lwm", "learned", 0, 0.70), pruned("lwm", "learned", 1, 0.72),
+            pruned("lwm", "global", 0, 0.83), pruned("lwm", "global", 1, 0.81)]
+    write_report(rows, tmp_path, CONFIG.model_copy(update={"allocations": ["learned", "global"]}))
+    text = (tmp_path / "results.md").read_text()
+    # per seed: 0.80 - 0.70, 0.84 - 0.72 against the same allocation; 0.80 - 0.83, 0.84 - 0.81 against global LWM
+    assert "| learned | 0.01 | +11.0 ± 1.4 | 2 | +0.0 ± 4.2 | global | 2 |" in text
+    assert "allocation learned, global;" in text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(row["method"], row["allocation"]): row["n"] for row in summary} == {
+        ("hydra", "learned"): 2, ("lwm", "learned"): 2, ("lwm", "global"): 2}
+
+
+def test_a_sweep_over_allocations_prunes_each_from_the_same_dense_model(tmp_path):
+    config = tiny_config(allocations=["layerwise", "erk"], prune_methods=["lwm"], k=[0.05], pretrain={"epochs": 1},
+                         prune={"epochs": 0}, finetune={"epochs": 0}, verify={"max": 8, "bound_methods": ["IBP"]})
+    rows = sweep(config, tmp_path)
+    assert [row["run"] for row in rows] == ["dense", "lwm-layerwise-k0.05", "lwm-erk-k0.05"]
+    assert [row.get("allocation") for row in rows[1:]] == ["layerwise", "erk"]
+    assert rows[1]["kept_per_layer"] != rows[2]["kept_per_layer"]
+    assert {row["source"] for row in rows[1:]} == {str(tmp_path / "dense")}
+    assert {(row["allocation"], row["k"]) for row in json.loads((tmp_path / "summary.json").read_text())} == {
+        (None, 1.0), ("layerwise", 0.05), ("erk", 0.05)}

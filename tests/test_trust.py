@@ -142,7 +142,7 @@ def test_a_sweep_over_seeds_reports_mean_and_spread_of_each_method_and_k(tmp_pat
     table = (tmp_path / "results.md").read_text()
     assert "Mean ± sample standard deviation over seeds 0, 1" in table
     mean, spread = sum(by_seed) / 2, abs(by_seed[0] - by_seed[1]) / 2 ** 0.5
-    assert f"| lwm | 0.1 | 2 |" in table and f"{100 * mean:.1f} ± {100 * spread:.1f}" in table
+    assert "| lwm | layerwise | 0.1 | 2 |" in table and f"{100 * mean:.1f} ± {100 * spread:.1f}" in table
     assert (tmp_path / "sparsity.png").exists()
     summary = {(row["method"], row["k"]): row for row in json.loads((tmp_path / "summary.json").read_text())}
     lwm = summary[("lwm", 0.1)]
