@@ -108,6 +108,7 @@ def test_compact_model_has_the_masked_models_logits_and_bounds():
     for model, shape in ((bn_net(), (1, 8, 8)), (create_model("cnn-small").eval(), (1, 28, 28))):
         masking.apply_masks(model, 0.25, init="magnitude", granularity="channel")
         small, widths = masking.compacted(model)
+        assert widths == {name: kept for name, (kept, _) in masking.channel_counts(model).items() if name in widths}
         assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masking.dense_copy(model)
                                                                   .parameters()) / 3
         x = torch.rand(3, *shape)
@@ -193,6 +194,6 @@ def test_compacting_a_weight_granularity_run_says_to_prune_channels_instead(tmp_
     (["--granularity", "channel", "--model", "resnet-18"], "residual additions"),
 ])
 def test_bad_granularity_is_a_one_line_error_before_any_work(tmp_path, flags, fragment):
-    result = run("prune", "--k", 0.1, "--out", tmp_path / "out", *flags)
+    result = run("prune", "--k", 0.1, "--from", tmp_path / "missing", "--out", tmp_path / "out", *flags)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "out").exists()
