@@ -236,17 +236,12 @@ def _check_allocation(allocation: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _check_granularity(granularity: str, allocation: str, model: str) -> None:
-    """Refuse an unknown granularity, an allocation it does not take, or a model whose channels cannot be pruned
-    (residual networks), here, before any pretraining."""
+    """An unknown granularity, an allocation it does not take, or a model whose channels cannot be removed one layer
+    at a time (residual networks), refused here, before any pretraining."""
     from . import masking
     from .models import create_model
 
-    try:
-        masking.check_granularity(granularity, allocation)
-        if granularity == "channel":
-            masking.channel_groups(create_model(model))
-    except ValueError as error:
-        raise ValueError(f"prune.granularity: {error}") from None
+    masking.check_granularity(granularity, allocation, create_model(model) if granularity == "channel" else None)
 
 
 def _check_augment(names: list[str], dataset: str) -> None:

@@ -189,7 +189,7 @@ def test_compacting_a_weight_granularity_run_says_to_prune_channels_instead(tmp_
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--granularity", "filter"], "unknown granularity 'filter'; choose from weight, channel"),
+    (["--granularity", "filter"], "unknown prune granularity 'filter'; choose from weight, channel"),
     (["--granularity", "channel", "--allocation", "erk"], "channel granularity takes layerwise or global"),
     (["--granularity", "channel", "--model", "resnet-18"], "residual additions"),
 ])

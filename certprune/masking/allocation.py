@@ -238,7 +238,7 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
         targets = [[(layer, "weight")] for layer in layers]
     if allocation == "global":
         for mask, w in zip(masks, weights):
-            peak = math.sqrt(6.0 / w[0].numel()) if init == "scaled" else max(float(mask.scores.abs().max()), 1e-30)
+            peak = math.sqrt(6.0 / w[0].numel()) if init == "scaled" else max(float(mask.scores.detach().abs().max()), 1e-30)
             factor = 1.0 / peak
             mask.register_buffer("scale", torch.tensor(factor, dtype=w.dtype, device=w.device))
         GlobalPlan(masks, budget)
@@ -252,10 +252,13 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
     return model
 
 
-def check_granularity(granularity: str, allocation: str = "layerwise") -> None:
-    """A one-line ``ValueError`` for an unknown granularity, or an allocation that does not apply to it."""
+def check_granularity(granularity: str, allocation: str = "layerwise", model: nn.Module | None = None) -> None:
+    """A one-line ``ValueError`` for an unknown granularity, an allocation that does not apply to it, or a ``model``
+    whose channels cannot be pruned (:func:`~.channel.channel_groups`)."""
     if granularity not in GRANULARITIES:
-        raise ValueError(f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+        raise ValueError(f"unknown prune granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
     if granularity == "channel" and allocation not in CHANNEL_ALLOCATIONS:
         raise ValueError(f"allocation {allocation} shares weights, not channels; channel granularity takes "
                          f"{' or '.join(CHANNEL_ALLOCATIONS)}")
+    if granularity == "channel" and model is not None:
+        channel_groups(model)
