@@ -238,8 +238,8 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
         targets = [[(layer, "weight")] for layer in layers]
     if allocation == "global":
         for mask, w in zip(masks, weights):
-            peak = math.sqrt(6.0 / w[0].numel()) if init == "scaled" else max(float(mask.scores.detach().abs().max()), 1e-30)
-            factor = 1.0 / peak
+            magnitude = max(float(mask.scores.detach().abs().max()), 1e-30)
+            factor = 1.0 / (math.sqrt(6.0 / w[0].numel()) if init == "scaled" else magnitude)
             mask.register_buffer("scale", torch.tensor(factor, dtype=w.dtype, device=w.device))
         GlobalPlan(masks, budget)
     elif allocation == "learned":
