@@ -56,6 +56,9 @@ def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file")
+    if config.report_metric not in config.reportable():  # the table's main column: refused now, not after training
+        raise RunError(f"report_metric: no configured evaluation gives {config.report_metric!r}; choose from "
+                       f"{', '.join(sorted(config.reportable()))}")
     if source is not None and config.seeds is not None:
         raise RunError("--from gives one dense run; a sweep with seeds pretrains one per seed")
     seeds = config.seeds if config.seeds is not None else [None]

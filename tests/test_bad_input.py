@@ -65,6 +65,15 @@ def test_bad_training_input_fails_in_one_line_and_leaves_no_file(tmp_path, args,
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--set", "report_metric=verifed_acc"], "report_metric: no configured evaluation gives 'verifed_acc'"),
+    (["--set", "verify=null", "--set", "attack={}"], "report_metric: no configured evaluation gives 'verified_acc'"),
+])
+def test_a_sweep_whose_table_would_be_empty_is_refused_before_training(tmp_path, args, fragment):
+    assert_one_line_error(run("sweep", *FAST, *args, "--out", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_under_a_file_or_unwritable_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("not a directory")
     assert_one_line_error(run("pretrain", "--out", tmp_path / "file" / "run", *FAST), "Not a directory")
