@@ -21,7 +21,7 @@ from certprune.config import SmoothingConfig
 from certprune.data import select_images
 from certprune.devices import model_device
 from certprune.quantities import check_sigma
-from certprune.runs import RunError, model_fingerprint
+from certprune.runs import RunError, model_fingerprint, read_image_table
 
 from .smoothing import ABSTAIN, Smooth, max_certifiable_radius
 
@@ -57,28 +57,15 @@ def resolve_sigma(sigma: float | None, trained: list[float]) -> float:
                      f"trained with several noise levels ({', '.join(f'{s:g}' for s in trained)})"))
 
 
+def _parse(fields: list[str]) -> dict[str, Any]:
+    index, label, prediction, radius, correct, seconds = fields
+    return {"index": int(index), "label": int(label), "prediction": int(prediction), "radius": float(radius),
+            "correct": int(correct), "seconds": float(seconds)}
+
+
 def _read_rows(path: Path) -> dict[int, dict[str, Any]]:
-    """Finished rows of ``certify.tsv`` by index. A last line cut off by an interruption is dropped from the file."""
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        atomic_write_text(path, text)
-    lines = text.splitlines()
-    if not lines or tuple(lines[0].split("\t")) != TSV_COLUMNS:
-        raise RunError(f"{path} is not a certify.tsv (its header is not {' '.join(TSV_COLUMNS)}); "
-                       "pass --restart to overwrite it")
-    rows = {}
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            index, label, prediction, radius, correct, seconds = line.split("\t")
-            row = {"index": int(index), "label": int(label), "prediction": int(prediction), "radius": float(radius),
-                   "correct": int(correct), "seconds": float(seconds)}
-        except ValueError:
-            raise RunError(f"{path} line {number} is malformed; pass --restart to start over") from None
-        if row["index"] in rows:
-            raise RunError(f"{path} holds index {row['index']} twice; pass --restart to start over")
-        rows[row["index"]] = row
-    return rows
+    """Finished rows of ``certify.tsv`` by index (a last line an interruption cut off is dropped)."""
+    return read_image_table(path, TSV_COLUMNS, _parse, "certify.tsv")
 
 
 def _read_all_rows(run_dir: Path, labels: dict[int, int]) -> dict[int, dict[str, Any]]:

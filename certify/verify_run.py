@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from certprune import distributed
 from certprune.atomic import atomic_torch_save, atomic_write_text
 from certprune.config import VerifyConfig
-from certprune.runs import RunError, model_fingerprint
+from certprune.runs import RunError, model_fingerprint, read_image_table
 
 from . import verify
 
@@ -43,29 +43,16 @@ def _format_row(row: dict[str, Any]) -> str:
                       f"{row['seconds']:.4f}"]) + "\n"
 
 
+def _parse(fields: list[str]) -> dict[str, Any]:
+    index, label, prediction, verified_by, falsified, falsified_by, margin, seconds = fields
+    return {"index": int(index), "label": int(label), "prediction": int(prediction), "verified_by": verified_by,
+            "falsified": bool(int(falsified)), "falsified_by": falsified_by,
+            "margin_lower_bound": float(margin) if margin else None, "seconds": float(seconds)}
+
+
 def read_rows(path: Path) -> dict[int, dict[str, Any]]:
-    """Finished lines of a verification TSV by test index; a last line cut off by an interruption is dropped."""
-    text = path.read_text()
-    if text and not text.endswith("\n"):
-        text = text[:text.rfind("\n") + 1]
-        atomic_write_text(path, text)
-    lines = text.splitlines()
-    if not lines or tuple(lines[0].split("\t")) != TSV_COLUMNS:
-        raise RunError(f"{path} is not a verification TSV (its header is not {' '.join(TSV_COLUMNS)}); "
-                       "pass --restart to overwrite it")
-    rows = {}
-    for number, line in enumerate(lines[1:], start=2):
-        try:
-            index, label, prediction, verified_by, falsified, falsified_by, margin, seconds = line.split("\t")
-            row = {"index": int(index), "label": int(label), "prediction": int(prediction),
-                   "verified_by": verified_by, "falsified": bool(int(falsified)), "falsified_by": falsified_by,
-                   "margin_lower_bound": float(margin) if margin else None, "seconds": float(seconds)}
-        except ValueError:
-            raise RunError(f"{path} line {number} is malformed; pass --restart to start over") from None
-        if row["index"] in rows:
-            raise RunError(f"{path} holds index {row['index']} twice; pass --restart to start over")
-        rows[row["index"]] = row
-    return rows
+    """Finished lines of a verification TSV by test index (a last line an interruption cut off is dropped)."""
+    return read_image_table(path, TSV_COLUMNS, _parse, "verification TSV")
 
 
 def summarize(rows: list[dict[str, Any]], methods: list[str], stage_seconds: dict[str, float]) -> dict[str, Any]:

@@ -224,6 +224,32 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_image_table(path: Path, columns: tuple[str, ...], parse, kind: str) -> dict[int, dict[str, Any]]:
+    """The finished lines of a per-image TSV (``certify.tsv``, ``verify.tsv``) by test index, each turned into a
+    row by ``parse(fields)``. A last line cut off by an interruption is dropped from the file, so a resume redoes
+    that image; a foreign header, a malformed line or an index twice is a one-line error that names --restart."""
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        atomic_write_text(path, text)
+    lines = text.splitlines()
+    if not lines or tuple(lines[0].split("\t")) != columns:
+        raise RunError(f"{path} is not a {kind} (its header is not {' '.join(columns)}); pass --restart to overwrite it")
+    rows: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        try:
+            if len(fields) != len(columns):
+                raise ValueError
+            row = parse(fields)
+        except ValueError:
+            raise RunError(f"{path} line {number} is malformed; pass --restart to start over") from None
+        if row["index"] in rows:
+            raise RunError(f"{path} holds index {row['index']} twice; pass --restart to start over")
+        rows[row["index"]] = row
+    return rows
+
+
 def is_finished(run_dir: Path) -> bool:
     """A run that wrote its model and metrics and has no training left (no checkpoint)."""
     run_dir = Path(run_dir)
