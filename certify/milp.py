@@ -58,12 +58,13 @@ def _others(label: int, others, num_classes: int) -> list[int]:
 
 def verify_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label: int, others=None,
                time_limit: float = 10.0, net: Network | None = None, relu_bounds=None,
-               margin_bounds=None) -> Outcome:
+               margin_bounds=None, inner=None) -> Outcome:
     """Decide "``logit_label > logit_j`` for every ``j`` in ``others`` (all other classes when None) everywhere in
     the box ``[lower, upper]``" (each shaped like one input) exactly. ``relu_bounds``: sound bounds of each ReLU's
     input from another stage; ``margin_bounds``: sound lower bounds per class of ``others``, in its order (skips
     those already proven and solves the most threatening class first, so a counterexample usually comes from the
-    first program)."""
+    first program). ``inner``: the box a counterexample must lie in, when ``[lower, upper]`` is a real box rounded
+    outward (default: the same box)."""
     started = time.perf_counter()
     net = net or network(model, lower[None])
     x_lower, x_upper = (b.detach().cpu().double().flatten().numpy() for b in (lower, upper))
@@ -87,7 +88,7 @@ def verify_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label
             continue
         if result.x is not None and result.fun is not None and result.fun < 0:
             candidate = torch.tensor(result.x[:len(x_lower)], dtype=lower.dtype).view_as(lower)
-            checked = check_box(model, lower, upper, label, classes, candidate)
+            checked = check_box(model, *(inner or (lower, upper)), label, classes, candidate)
             if checked is not None:
                 return Outcome("falsified", checked[0], checked[1], time.perf_counter() - started, prog.stats)
             log.warning("MILP counterexample for class %d (margin %.3g) fails the float forward check; image left "
@@ -102,7 +103,8 @@ def verify_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label
 def verify_image(model: nn.Module, x: torch.Tensor, label: int, eps: float, time_limit: float = 10.0,
                  net: Network | None = None, relu_bounds=None, margin_bounds=None) -> Outcome:
     """:func:`verify_box` on the image ``x`` (C, H, W): its L-inf ball clipped to [0, 1], every other class."""
-    return verify_box(model, *input_box(x, eps), label, None, time_limit, net, relu_bounds, margin_bounds)
+    return verify_box(model, *input_box(x, eps), label, None, time_limit, net, relu_bounds, margin_bounds,
+                      input_box(x, eps, outward=False))
 
 
 def check_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label: int, others,
@@ -121,7 +123,7 @@ def check_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label:
 
 def check_counterexample(model: nn.Module, x: torch.Tensor, label: int, eps: float, candidate: torch.Tensor):
     """:func:`check_box` on the clipped L-inf ball of ``x``, every other class."""
-    return check_box(model, *input_box(x, eps), label, None, candidate)
+    return check_box(model, *input_box(x, eps, outward=False), label, None, candidate)
 
 
 def _crown_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, spec: torch.Tensor,
@@ -162,11 +164,13 @@ def _attack(model, lower, upper, labels, spec, steps):
 
 def decide_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor, others=None,
                time_limit: float = 10.0, relu_bounds=None, margin_bounds=None,
-               attack_steps: int = 20) -> list[Outcome]:
+               attack_steps: int = 20, inner=None) -> list[Outcome]:
     """An :class:`Outcome` per box (``lower``, ``upper``: ``(N, *input)``; ``others``: per property, the classes
     its label must beat, None for all). A PGD attack inside each box runs first: its counterexamples, re-checked like
     the MILP's, end a property at a fraction of a program's cost. Without ``relu_bounds`` (per ReLU, ``(lower,
-    upper)`` over all boxes), CROWN's are computed; ``margin_bounds`` rows follow ``others``."""
+    upper)`` over all boxes), CROWN's are computed; ``margin_bounds`` rows follow ``others``. ``inner``: the boxes
+    counterexamples must lie in, when ``lower, upper`` are real boxes rounded outward (default: the same)."""
+    inner_lower, inner_upper = inner or (lower, upper)
     if not len(lower):
         return []
     net = network(model, lower[:1])
@@ -179,13 +183,14 @@ def decide_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label
     share, outcomes = (time.perf_counter() - started) / len(lower), []
     for i in range(len(lower)):
         label, classes = int(labels[i]), None if others is None else others[i]
-        found = adversarial is not None and check_box(model, lower[i], upper[i], label, classes, adversarial[i])
+        found = adversarial is not None and check_box(model, inner_lower[i], inner_upper[i], label, classes,
+                                                      adversarial[i])
         if found:
             outcomes.append(Outcome("falsified", found[0], found[1], share, {"by": "PGD"}))
             continue
         outcome = verify_box(model, lower[i], upper[i], label, classes, time_limit, net,
                              [(low[i], up[i]) for low, up in relu_bounds],
-                             None if margin_bounds is None else margin_bounds[i])
+                             None if margin_bounds is None else margin_bounds[i], (inner_lower[i], inner_upper[i]))
         outcome.seconds += share
         outcomes.append(outcome)
     return outcomes
@@ -196,4 +201,5 @@ def decide(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, time_
     """:func:`decide_box` on the images ``x`` (those the model classifies correctly): each one's L-inf ball clipped
     to [0, 1], every other class."""
     lower, upper = input_box(x, eps)
-    return decide_box(model, lower, upper, y, None, time_limit, relu_bounds, margin_bounds, attack_steps)
+    return decide_box(model, lower, upper, y, None, time_limit, relu_bounds, margin_bounds, attack_steps,
+                      input_box(x, eps, outward=False))

@@ -9,6 +9,7 @@ effective tensors, from where autograd carries it on to scores (straight-through
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -63,9 +64,20 @@ def spec_of(labels: torch.Tensor, others, num_classes: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def input_box(x: torch.Tensor, eps: float, lower: float = 0.0, upper: float = 1.0):
-    """The L-inf ball of radius ``eps`` around ``x`` clipped to the valid pixel domain ``[lower, upper]``."""
-    return (x - eps).clamp(lower, upper), (x + eps).clamp(lower, upper)
+def input_box(x: torch.Tensor, eps: float, lower: float = 0.0, upper: float = 1.0, outward: bool = True):
+    """The L-inf ball of radius ``eps`` around ``x`` clipped to the valid pixel domain ``[lower, upper]``, in
+    ``x``'s dtype. ``x - eps`` rounds to the nearest float, which can lie inside the real ball by half an ulp: a
+    proof needs the box rounded ``outward`` (never narrower than the real one), a counterexample a point of the box
+    rounded inward (never outside it)."""
+    exact_low, exact_up = ((x.double() + shift).clamp(lower, upper) for shift in (-eps, eps))
+    low, up = exact_low.to(x.dtype), exact_up.to(x.dtype)
+    if outward:
+        low = torch.where(low > exact_low, torch.nextafter(low, torch.full_like(low, -math.inf)), low)
+        up = torch.where(up < exact_up, torch.nextafter(up, torch.full_like(up, math.inf)), up)
+    else:
+        low = torch.where(low < exact_low, torch.nextafter(low, torch.full_like(low, math.inf)), low)
+        up = torch.where(up > exact_up, torch.nextafter(up, torch.full_like(up, -math.inf)), up)
+    return low, up
 
 
 class _ChainToModel(torch.autograd.Function):

@@ -257,3 +257,15 @@ def test_no_gradient_leaks_without_grad_mode():
     with torch.no_grad():
         bounds = BoundedProxy(model, x).margin_lower_bounds(x, y, EPS, "IBP")
     assert not bounds.requires_grad
+
+
+def test_the_proof_box_never_is_narrower_than_the_real_ball_nor_the_counterexample_box_wider():
+    """x ± eps rounds to the nearest float32; a bound over a box half an ulp too narrow could prove a false claim."""
+    x = torch.rand(10_000)
+    exact_low, exact_up = (x.double() - 0.1).clamp(0, 1), (x.double() + 0.1).clamp(0, 1)
+    low, up = input_box(x, 0.1)
+    inner_low, inner_up = input_box(x, 0.1, outward=False)
+    assert low.dtype == torch.float32 and (low.double() <= exact_low).all() and (up.double() >= exact_up).all()
+    assert (inner_low.double() >= exact_low).all() and (inner_up.double() <= exact_up).all()
+    assert (low < (x - 0.1).clamp(0, 1)).any()  # float32 arithmetic alone would have been narrower somewhere
+    assert ((inner_low - low) <= 2 * torch.finfo(torch.float32).eps).all()  # one ulp apart at most
