@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 from certprune.atomic import atomic_write_text
-from certprune.certify import milp
+from certprune.certify.cascade import STAGES, Cascade
 from certprune.certify.onnx_import import load_onnx
 from certprune.certify.vnnlib import read_vnnlib
-from certprune.lirpa import BoundedProxy, canonical_method, spec_of
+from certprune.lirpa import canonical_method
 
 log = logging.getLogger("certprune")
-STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # as certprune.certify.verify runs them
 RESULT = {"verified": "holds", "falsified": "violated", "unknown": "unknown"}  # VNN-COMP's words (unsat / sat)
 COLUMNS = ("instance", "verdict", "verified_by", "margin_lower_bound", "seconds", "result", "falsified_by", "onnx")
 
@@ -76,97 +75,42 @@ def check_instances(instances: list[Instance], methods) -> list[str]:
     return sorted(set(names), key=STAGES.index)
 
 
-class _Cascade:
-    """The properties of one network, stacked, and what each stage has found about them."""
-
-    def __init__(self, model, shape, instances):
-        props = [read_vnnlib(instance.vnnlib) for instance in instances]
-        with torch.no_grad():
-            classes = int(model(torch.zeros(1, *shape)).shape[-1])
-        for instance, prop in zip(instances, props):
-            if prop.lower.numel() != torch.Size(shape).numel() or prop.num_outputs != classes:
-                raise ValueError(f"{instance.vnnlib} has {prop.lower.numel()} inputs and {prop.num_outputs} outputs;"
-                                 f" {instance.onnx} takes {torch.Size(shape).numel()} and gives {classes}")
-        self.model, self.instances = model, instances
-        self.lower = torch.stack([p.lower.view(shape) for p in props])
-        self.upper = torch.stack([p.upper.view(shape) for p in props])
-        self.inner = [(p.inner_lower.view(shape), p.inner_upper.view(shape)) for p in props]
-        self.labels, self.others = torch.tensor([p.label for p in props]), [list(p.others) for p in props]
-        self.spec = spec_of(self.labels, self.others, classes)
-        self.bounds, self.relus = torch.full(self.spec.shape[:2], float("-inf")), {}
-        self.records = [{"verdict": "unknown", "verified_by": "", "falsified_by": "", "margin_lower_bound": None,
-                         "seconds": 0.0, "counterexample": None} for _ in props]
-
-    def open(self) -> list[int]:
-        return [i for i, record in enumerate(self.records) if record["verdict"] == "unknown"]
-
-    def falsify(self, i, candidate, by):
-        """Property ``i`` is falsified when ``candidate``, moved into the file's exact box, violates it."""
-        low, high = self.inner[i]
-        found = bool((low <= high).all()) and milp.check_box(self.model, low, high, int(self.labels[i]),
-                                                             self.others[i], candidate)
-        if found:
-            self.records[i].update(verdict="falsified", falsified_by=by, margin_lower_bound=found[0],
-                                   counterexample=found[1])
-        elif by != "centre":
-            log.warning("%s's counterexample to %s fails inside the file's exact box; left unknown", by,
-                        self.instances[i].vnnlib)
-
-    def centres(self):
-        for i in self.open():
-            self.falsify(i, (self.lower[i] + self.upper[i]) / 2, "centre")
-
-    def bound(self, proxy, method, todo, batch_size, keep_relus, alpha_iterations, alpha_lr):
-        for start in range(0, len(todo), batch_size):
-            index = todo[start:start + batch_size]
-            box = (self.lower[index], self.upper[index], self.spec[index])
-            with torch.no_grad():
-                if keep_relus and method == "CROWN":
-                    found, layers = proxy.box_relu_bounds(*box, "CROWN")
-                    self.relus.update({i: [(low[k], up[k]) for low, up in layers] for k, i in enumerate(index)})
-                else:
-                    found = proxy.box_spec_bounds(*box, [method], alpha_iterations, alpha_lr)[0]
-            self.bounds[index] = torch.maximum(self.bounds[index], found.float().cpu())
-            for i in index:
-                self.records[i]["margin_lower_bound"] = margin = float(self.bounds[i].min())
-                if margin > 0:
-                    self.records[i].update(verdict="verified", verified_by=method)
-
-    def exact(self, todo, time_limit, attack_steps):
-        kept = [self.relus.get(i) for i in todo]
-        relu_bounds = None if any(k is None for k in kept) else [
-            tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1)) for layer in range(len(kept[0]))]
-        outcomes = milp.decide_box(self.model, self.lower[todo], self.upper[todo], self.labels[todo],
-                              [self.others[i] for i in todo], time_limit, relu_bounds,
-                              self.bounds[todo] if relu_bounds is not None else None, attack_steps)
-        for i, outcome in zip(todo, outcomes):
-            self.records[i]["margin_lower_bound"] = outcome.margin_lower_bound
-            self.records[i]["seconds"] += outcome.seconds
-            if outcome.status == "verified":
-                self.records[i].update(verdict="verified", verified_by="MILP")
-            elif outcome.status == "falsified":
-                self.falsify(i, outcome.counterexample, outcome.stats.get("by", "MILP"))
-
-
 def _decide(model, shape, instances, methods, timeout, batch_size, alpha_iterations, alpha_lr, attack_steps):
-    """The cascade on the properties of one network; one record per instance. A stage's time is shared among the
-    properties it ran on (the MILP's is each property's own)."""
-    state = _Cascade(model, shape, instances)
-    proxy = BoundedProxy(model, state.lower[:1]) if any(m != "MILP" for m in methods) else None
+    """The cascade on the properties of one network, after a forward pass at each box's centre (a violation there
+    is a counterexample); one record per instance. A stage's time is shared among the properties it ran on (the
+    MILP's is each property's own)."""
+    props = [read_vnnlib(instance.vnnlib) for instance in instances]
+    with torch.no_grad():
+        classes = int(model(torch.zeros(1, *shape)).shape[-1])
+    for instance, prop in zip(instances, props):
+        if prop.lower.numel() != torch.Size(shape).numel() or prop.num_outputs != classes:
+            raise ValueError(f"{instance.vnnlib} has {prop.lower.numel()} inputs and {prop.num_outputs} outputs;"
+                             f" {instance.onnx} takes {torch.Size(shape).numel()} and gives {classes}")
+    stack = lambda boxes: torch.stack([box.view(shape) for box in boxes])  # noqa: E731
+    cascade = Cascade(model, stack([p.lower for p in props]), stack([p.upper for p in props]),
+                      torch.tensor([p.label for p in props]), [list(p.others) for p in props],
+                      (stack([p.inner_lower for p in props]), stack([p.inner_upper for p in props])))
     for method in ("centre", *methods):
-        todo, started = state.open(), time.perf_counter()
+        todo, started = cascade.open(), time.perf_counter()
         if method == "centre":
-            state.centres()
+            for i in todo.tolist():
+                cascade.falsify(i, (cascade.lower[i] + cascade.upper[i]) / 2, "centre")
         elif method != "MILP":
-            state.bound(proxy, method, todo, batch_size, "MILP" in methods, alpha_iterations, alpha_lr)
+            cascade.bound(method, todo, batch_size, "MILP" in methods, alpha_iterations, alpha_lr)
         else:
-            limits = [timeout or instances[i].timeout or 10.0 for i in todo]
+            limits = [timeout or instances[i].timeout or 10.0 for i in todo.tolist()]
             for limit in sorted(set(limits)):
-                state.exact([i for i, t in zip(todo, limits) if t == limit], limit, attack_steps)
+                cascade.exact(todo[torch.tensor([t == limit for t in limits])], limit, attack_steps)
             continue
-        for i in todo:
-            state.records[i]["seconds"] += (time.perf_counter() - started) / len(todo)
-    return state.records
+        if len(todo):
+            cascade.seconds[todo] += (time.perf_counter() - started) / len(todo)
+    return [{"verdict": "verified" if cascade.stage[i] else "falsified" if cascade.falsified[i] else "unknown",
+             "verified_by": STAGES[int(cascade.stage[i]) - 1] if cascade.stage[i] else "",
+             "falsified_by": cascade.falsified_by[i],
+             "margin_lower_bound": float(cascade.margin[i]) if torch.isfinite(cascade.margin[i]) else None,
+             "seconds": float(cascade.seconds[i]),
+             "counterexample": cascade.counterexamples[i] if cascade.falsified[i] else None}
+            for i in range(len(props))]
 
 
 def verify_instances(instances: list[Instance], methods=("IBP", "CROWN"), timeout: float | None = None,

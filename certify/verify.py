@@ -24,10 +24,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certprune import distributed
-from certprune.lirpa import METHODS, BoundedProxy, canonical_method
+from certprune.lirpa import METHODS, BoundedProxy, canonical_method, input_box
 from certprune.quantities import parse_eps
 
-STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # the cascade's order, cheapest first
+from .cascade import STAGES, Cascade
+
 
 
 def method_key(method: str) -> str:
@@ -105,54 +106,6 @@ def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
             {method: distributed.merge(proven, positions, n) for method, proven in by_method.items()})
 
 
-def _bound_stage(proxy, method, x, y, todo, eps, settings, state, keep_relu_bounds):
-    """One bound stage on the images ``todo``: per image, the margin bounds per class (kept, the best of every
-    stage) and, for CROWN when the MILP follows, the ReLU input bounds it computed on the way."""
-    batch = int(settings.batch_size)
-    for start in tqdm(range(0, len(todo), batch), desc=f"verify {method}", leave=False, disable=None):
-        index = todo[start:start + batch]
-        if keep_relu_bounds and method == "CROWN":
-            margins, relus = proxy.relu_input_bounds(x[index], y[index], eps, "CROWN")
-            for k, i in enumerate(index.tolist()):
-                state["relu"][i] = [(low[k], up[k]) for low, up in relus]
-        else:
-            margins = proxy.margin_lower_bounds(x[index], y[index], eps, method, iterations=settings.alpha_iterations,
-                                                lr=settings.alpha_lr)
-        margins = margins.float().cpu()
-        state["class_bounds"][index] = torch.maximum(state["class_bounds"][index], margins)
-        state["margin"][index] = torch.maximum(state["margin"][index], margins.min(1).values)
-        state["stage"][index[margins.min(1).values > 0]] = STAGES.index(method) + 1
-
-
-def _milp_stage(model, x, y, todo, eps, settings, state):
-    """The MILP on the images ``todo``, in chunks for the progress bar; CROWN's ReLU bounds where the cascade has
-    them (the MILP computes them otherwise)."""
-    from certprune.certify import milp  # scipy's MILP and the attack load only for complete verification
-
-    bar = tqdm(total=len(todo), desc="verify MILP", leave=False, disable=None)
-    counts = {"verified": 0, "falsified": 0, "unknown": 0}
-    for start in range(0, len(todo), 16):
-        index = todo[start:start + 16].tolist()
-        kept = [state["relu"].get(i) for i in index]
-        relu_bounds = None if any(k is None for k in kept) else [
-            tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1)) for layer in range(len(kept[0]))]
-        margins = state["class_bounds"][index] if relu_bounds is not None else None
-        for i, outcome in zip(index, milp.decide(model, x[index], y[index], eps, float(settings.timeout), relu_bounds,
-                                                 margins, getattr(settings, "milp_attack_steps", 20))):
-            state["seconds"][i] += outcome.seconds
-            state["margin"][i] = outcome.margin_lower_bound
-            if outcome.status == "verified":
-                state["stage"][i] = STAGES.index("MILP") + 1
-            elif outcome.status == "falsified":
-                state["falsified"][i] = True
-                state["by_attack"][i] = outcome.stats.get("by") == "PGD"
-                state["counterexamples"][i] = outcome.counterexample.to(x.device, x.dtype)
-            counts[outcome.status] += 1
-            bar.update(1)
-            bar.set_postfix(counts)
-    bar.close()
-
-
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> dict:
     """The evaluator: the cascade of ``settings.bound_methods`` (any of :data:`STAGES`, run in that order) at
     ``settings.eps``; ``settings`` also gives ``batch_size``, ``timeout`` (seconds per image, MILP),
@@ -167,38 +120,32 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
     n, x, y = len(x), x[positions], y[positions]
     with torch.no_grad():
         logits = torch.cat([model(x[i:i + 500]) for i in range(0, len(x), 500)]) if len(x) else torch.zeros(0, 1)
-    classes = logits.shape[1]
-    state = {"stage": torch.zeros(len(x), dtype=torch.long), "falsified": torch.zeros(len(x), dtype=torch.bool),
-             "by_attack": torch.zeros(len(x), dtype=torch.bool),
-             "margin": torch.full((len(x),), float("-inf")), "seconds": torch.zeros(len(x), dtype=torch.float64),
-             "class_bounds": torch.full((len(x), max(classes - 1, 1)), float("-inf")), "relu": {},
-             "counterexamples": torch.zeros_like(x)}
     prediction, correct = logits.argmax(1).cpu(), (logits.argmax(1) == y).cpu()
-    proxy = BoundedProxy(model, x[:1]) if len(x) and any(m != "MILP" for m in methods) else None
+    cascade = Cascade(model, *input_box(x, eps), y, None, input_box(x, eps, outward=False))
     figures: dict = {"eps": eps, "verify_method": "cascade " + "+".join(methods), "verified_examples": n}
     for method in methods:
-        todo = torch.nonzero(correct & (state["stage"] == 0) & ~state["falsified"]).flatten()
+        todo = cascade.open(correct)  # a misclassified image is neither verified nor falsified: it is not robust
         started = time.perf_counter()
         if method == "MILP":
-            _milp_stage(model, x, y, todo, eps, settings, state)
+            cascade.exact(todo, float(settings.timeout), getattr(settings, "milp_attack_steps", 20))
         elif len(todo):
-            with torch.no_grad():
-                _bound_stage(proxy, method, x, y.to(x.device), todo, eps, settings, state, "MILP" in methods)
+            cascade.bound(method, todo, int(settings.batch_size), "MILP" in methods, settings.alpha_iterations,
+                          settings.alpha_lr)
         spent = time.perf_counter() - started
         if method != "MILP" and len(todo):
-            state["seconds"][todo] += spent / len(todo)
+            cascade.seconds[todo] += spent / len(todo)
         figures[f"seconds_{method_key(method)}"] = distributed.mean_across_ranks({"s": spent})["s"]
-    return _summary(figures, methods, state, correct, prediction, y, positions, n)
+    return _summary(figures, methods, cascade, correct, prediction, y, positions, n)
 
 
-def _summary(figures, methods, state, correct, prediction, y, positions, n) -> dict:
+def _summary(figures, methods, cascade, correct, prediction, y, positions, n) -> dict:
     """Merge the ranks' shares and turn the per-image state into figures and records."""
     merge = lambda values: distributed.merge(values, positions, n)  # noqa: E731
-    stage, falsified, correct = merge(state["stage"]), merge(state["falsified"]), merge(correct)
-    by_attack = merge(state["by_attack"])
-    margin, seconds, prediction, label = (merge(state["margin"]), merge(state["seconds"]), merge(prediction),
+    stage, falsified, correct = merge(cascade.stage), merge(cascade.falsified), merge(correct)
+    by_attack = merge(torch.tensor([by == "PGD" for by in cascade.falsified_by], dtype=torch.bool))
+    margin, seconds, prediction, label = (merge(cascade.margin), merge(cascade.seconds), merge(prediction),
                                           merge(y.cpu()))
-    flat = state["counterexamples"].flatten(1)
+    flat = cascade.counterexamples.flatten(1)
     if not isinstance(positions, slice):  # one exact merge of every pixel: positions of image p are p*D .. p*D+D-1
         width = flat.shape[1]
         flat = distributed.merge(flat.flatten(), (positions[:, None] * width + torch.arange(width)).flatten(),
@@ -220,6 +167,6 @@ def _summary(figures, methods, state, correct, prediction, y, positions, n) -> d
          "margin_lower_bound": float(margin[i]) if torch.isfinite(margin[i]) else None,
          "seconds": float(seconds[i])} for i in range(n)]
     index = torch.nonzero(falsified).flatten()
-    figures["_counterexamples"] = flat[index].view(len(index), *state["counterexamples"].shape[1:])
+    figures["_counterexamples"] = flat[index].view(len(index), *cascade.counterexamples.shape[1:])
     figures["_counterexample_index"] = index.tolist()
     return figures

@@ -193,23 +193,6 @@ class Config(Section):
         _check_augment(self.augment, self.dataset)
         return self
 
-    def reportable(self) -> set[str]:
-        """The per-run figures this config's evaluations (and every run) record: what a sweep's table can show."""
-        names = {"sparsity", "seconds"}
-        if self.verify is not None:
-            stages = [method.lower().replace("-", "_") for method in self.verify.bound_methods]
-            names |= {"clean_acc", "verified_acc", "falsified_acc", "unknown_acc", "decided_fraction",
-                      "robust_acc_exact", "falsified_by_attack_acc", "seconds_per_image",
-                      *(f"verified_{kind}_{stage}" for kind in ("acc", "extra") for stage in stages)}
-        if self.smoothing is not None:
-            names |= {"clean_acc", "abstain_rate", "acr", "seconds_per_image",
-                      *(f"certified_acc_{radius:g}" for radius in self.smoothing.radii)}
-        if self.attack is not None:
-            names |= {"clean_acc", "pgd_acc"}
-        if self.autoattack is not None:
-            names |= {"clean_acc", "autoattack_acc"}
-        return names
-
     @property
     def loss_name(self) -> str:
         return self.loss["name"]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .certify import attack, autoattack, smoothing_run, verify_run
+from .certify import attack, autoattack, smoothing_run, verify, verify_run
 from .config import AttackConfig, AutoAttackConfig, Config, SmoothingConfig, VerifyConfig, validate
 from .data import Dataset, load_dataset, select_images
 from .runs import (RunError, check_writable, load_run, locked, read_config, read_metrics,
@@ -61,6 +61,24 @@ def record_key(section: str, settings) -> str:
     changed = [f"{key}={'+'.join(map(str, value)) if isinstance(value, list) else value}"
                for key, value in wanted.items() if defaults.get(key) != value]
     return f"{section}[{', '.join(changed)}]" if changed else section
+
+
+def reportable(config: Config) -> set[str]:
+    """The per-run figures this config's evaluations (and every run) record: what a sweep's table can show."""
+    names = {"sparsity", "seconds"}
+    if config.verify is not None:
+        stages = [verify.method_key(method) for method in config.verify.bound_methods]
+        names |= {"clean_acc", "verified_acc", "falsified_acc", "unknown_acc", "decided_fraction",
+                  "robust_acc_exact", "falsified_by_attack_acc", "seconds_per_image",
+                  *(f"verified_{kind}_{stage}" for kind in ("acc", "extra") for stage in stages)}
+    if config.smoothing is not None:
+        names |= {"clean_acc", "abstain_rate", "acr", "seconds_per_image",
+                  *(f"certified_acc_{radius:g}" for radius in config.smoothing.radii)}
+    if config.attack is not None:
+        names |= {"clean_acc", "pgd_acc"}
+    if config.autoattack is not None:
+        names |= {"clean_acc", "autoattack_acc"}
+    return names
 
 
 def configured_keys(config: Config) -> dict[str, str]:

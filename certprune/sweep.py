@@ -14,7 +14,7 @@ from typing import Any
 from . import distributed
 from .config import Config
 from .devices import resolve_device
-from .evaluation import evaluate_configured, missing_evaluations
+from .evaluation import evaluate_configured, missing_evaluations, reportable
 from .pipeline import load_data, prune, pretrain
 from .report import write_report
 from .runs import RunError, differences, is_finished, read_config, read_metrics
@@ -56,9 +56,9 @@ def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file")
-    if config.report_metric not in config.reportable():  # the table's main column: refused now, not after training
+    if config.report_metric not in reportable(config):  # the table's main column: refused now, not after training
         raise RunError(f"report_metric: no configured evaluation gives {config.report_metric!r}; choose from "
-                       f"{', '.join(sorted(config.reportable()))}")
+                       f"{', '.join(sorted(reportable(config)))}")
     if source is not None and config.seeds is not None:
         raise RunError("--from gives one dense run; a sweep with seeds pretrains one per seed")
     seeds = config.seeds if config.seeds is not None else [None]

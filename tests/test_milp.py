@@ -16,7 +16,6 @@ from torch import nn
 from certprune.attacks import PGD
 from certprune.certify import milp
 from certprune.certify.verify import evaluate
-from certprune.data import load_dataset
 from certprune.lirpa import BoundedProxy
 from helpers import conv_net, trained_7x7
 

@@ -115,7 +115,8 @@ def test_a_loss_that_stops_being_finite_stops_training_and_keeps_the_last_good_c
 @pytest.mark.parametrize("command, message", [
     (["verify", "--from", "{run}"], "decided images are kept in the run's verify TSV (rerun the same command"),
     (["evaluate", "--from", "{run}"], "interrupted; nothing was recorded"),
-    (["sweep", "--out", "{tmp}/sweep", "--from", "{run}", "--set", "k=[0.5]", "--set", "verify=null"],
+    (["sweep", "--out", "{tmp}/sweep", "--from", "{run}", "--set", "k=[0.5]", "--set", "verify=null",
+      "--set", "report_metric=sparsity"],
      "rerun the same sweep command"),
 ])
 def test_ctrl_c_says_what_was_kept_for_each_command(dense, tmp_path, monkeypatch, command, message):

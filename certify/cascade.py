@@ -1,0 +1,113 @@
+"""The verification cascade on boxes: the one implementation behind ``certprune verify --from RUN`` (a run's images,
+their clipped L-inf balls) and ``certprune verify --onnx/--instances`` (VNN-LIB properties, their boxes as given).
+
+Each box carries a property "``logit_label > logit_j`` for every ``j`` in its classes". The stages run cheapest first,
+each only on the boxes still open: bound methods (IBP, CROWN-IBP, CROWN, alpha-CROWN: a box is verified when every
+margin's lower bound is > 0) and last the MILP (PGD inside the box, then the exact program: verified, falsified or
+unknown at its time limit). A counterexample counts only after a plain forward pass at a point of the ``inner`` box
+(the real box rounded inward) violates the property; the bounds cover the box rounded outward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from certprune.lirpa import BoundedProxy, spec_of
+
+STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # the cascade's order, cheapest first
+MILP_CHUNK = 16  # boxes per call of the MILP (its progress bar moves per chunk)
+
+
+class Cascade:
+    """Boxes ``lower``/``upper`` ``(N, *input)`` with their ``labels`` and ``others`` (per box, the classes its label
+    must beat; None: every other class), and what each stage has found about them. Per box: ``stage`` (1 + the index
+    in :data:`STAGES` of the stage that verified it, 0 for none), ``falsified``, ``falsified_by`` ("PGD", "MILP" or
+    the caller's word), ``margin`` (the best proven margin lower bound, or a counterexample's margin), ``seconds``
+    and ``counterexamples``."""
+
+    def __init__(self, model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor,
+                 others=None, inner: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.model, self.lower, self.upper, self.others = model.eval(), lower, upper, others
+        self.labels = labels.to(lower.device)
+        self.inner = inner or (lower, upper)
+        n = len(lower)
+        with torch.no_grad():
+            classes = int(model(lower[:1]).shape[-1]) if n else 1
+        self.spec = spec_of(self.labels, others, classes) if n else torch.zeros(0, 1, classes)
+        self.stage = torch.zeros(n, dtype=torch.long)
+        self.falsified = torch.zeros(n, dtype=torch.bool)
+        self.falsified_by = [""] * n
+        self.margin = torch.full((n,), float("-inf"))
+        self.seconds = torch.zeros(n, dtype=torch.float64)
+        self.class_bounds = torch.full(self.spec.shape[:2], float("-inf"))
+        self.counterexamples = torch.zeros_like(lower)
+        self.relus: dict[int, list] = {}
+        self._proxy = None
+
+    def open(self, among: torch.Tensor | None = None) -> torch.Tensor:
+        """The boxes (of ``among``, a boolean mask) no stage has decided yet."""
+        undecided = (self.stage == 0) & ~self.falsified
+        return torch.nonzero(undecided if among is None else undecided & among.cpu()).flatten()
+
+    def falsify(self, i: int, candidate: torch.Tensor, by: str) -> bool:
+        """Box ``i`` is falsified when ``candidate``, moved into the inner box, violates its property."""
+        from certprune.certify import milp  # scipy loads only when a counterexample is checked
+
+        low, high = self.inner[0][i], self.inner[1][i]
+        found = bool((low <= high).all()) and milp.check_box(
+            self.model, low, high, int(self.labels[i]), None if self.others is None else self.others[i], candidate)
+        if found:
+            self.falsified[i], self.falsified_by[i] = True, by
+            self.margin[i], self.counterexamples[i] = found[0], found[1].to(self.lower.dtype)
+        return bool(found)
+
+    def bound(self, method: str, todo: torch.Tensor, batch_size: int, keep_relus: bool = False,
+              alpha_iterations: int = 10, alpha_lr: float = 0.5) -> None:
+        """One bound stage on the boxes ``todo``; with ``keep_relus`` CROWN also keeps the ReLU input bounds it
+        computed on the way (for the MILP)."""
+        self._proxy = self._proxy or BoundedProxy(self.model, self.lower[:1])
+        for start in tqdm(range(0, len(todo), batch_size), desc=f"verify {method}", leave=False, disable=None):
+            index = todo[start:start + batch_size]
+            box = (self.lower[index], self.upper[index], self.spec[index])
+            with torch.no_grad():
+                if keep_relus and method == "CROWN":
+                    margins, layers = self._proxy.box_relu_bounds(*box, "CROWN")
+                    self.relus.update({i: [(low[k], up[k]) for low, up in layers]
+                                       for k, i in enumerate(index.tolist())})
+                else:
+                    margins = self._proxy.box_spec_bounds(*box, [method], alpha_iterations, alpha_lr)[0]
+            margins = margins.float().cpu()
+            self.class_bounds[index] = torch.maximum(self.class_bounds[index], margins)
+            self.margin[index] = torch.maximum(self.margin[index], margins.min(1).values)
+            self.stage[index[margins.min(1).values > 0]] = STAGES.index(method) + 1
+
+    def exact(self, todo: torch.Tensor, time_limit: float, attack_steps: int = 20) -> None:
+        """The MILP on the boxes ``todo`` (CROWN's ReLU bounds where the cascade kept them), with a progress bar
+        of the verified / falsified / unknown counts."""
+        from certprune.certify import milp  # scipy's MILP and the attack load only for complete verification
+
+        counts = {"verified": 0, "falsified": 0, "unknown": 0}
+        with tqdm(total=len(todo), desc="verify MILP", leave=False, disable=None) as bar:
+            for start in range(0, len(todo), MILP_CHUNK):
+                index = todo[start:start + MILP_CHUNK].tolist()
+                kept = [self.relus.get(i) for i in index]
+                relu_bounds = None if any(k is None for k in kept) else [
+                    tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1))
+                    for layer in range(len(kept[0]))]
+                outcomes = milp.decide_box(
+                    self.model, self.lower[index], self.upper[index], self.labels[index],
+                    None if self.others is None else [self.others[i] for i in index], time_limit, relu_bounds,
+                    self.class_bounds[index] if relu_bounds is not None else None, attack_steps,
+                    (self.inner[0][index], self.inner[1][index]))
+                for i, outcome in zip(index, outcomes):
+                    self.seconds[i] += outcome.seconds
+                    self.margin[i] = outcome.margin_lower_bound
+                    if outcome.status == "verified":
+                        self.stage[i] = STAGES.index("MILP") + 1
+                    elif outcome.status == "falsified":  # decide_box re-checked it in the inner box
+                        self.falsified[i], self.falsified_by[i] = True, outcome.stats.get("by", "MILP")
+                        self.counterexamples[i] = outcome.counterexample.to(self.lower.device, self.lower.dtype)
+                    counts[outcome.status] += 1
+                bar.update(len(index))
+                bar.set_postfix(counts)
