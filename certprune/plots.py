@@ -127,6 +127,26 @@ def plot_ladder(rows: list[dict[str, Any]], path: Path, title: str | None = None
     return _save(figure, path)
 
 
+def plot_vs_cost(rows: list[dict[str, Any]], metric: str, path: Path, title: str | None = None) -> Path:
+    """``metric`` against the FLOPs of one image (log scale), every run a point, HYDRA and LWM in their colours:
+    for channel pruning, where fewer channels make a network that is cheaper to run."""
+    scale, unit = (100, " (%)") if is_fraction(metric) else (1, "")
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for method in ("dense", "hydra", "lwm"):
+        points = sorted((row["flops"] / 1e6, scale * row[metric]) for row in rows
+                        if row.get("method") == method and row.get(metric) is not None and "flops" in row)
+        if points:
+            axis.plot(*zip(*points), "o" if method != "dense" else "s", color=COLORS[method],
+                      label=method.upper() if method != "dense" else "dense")
+    axis.set_xscale("log")
+    axis.set_xlabel("MFLOPs per image (compact network)")
+    axis.set_ylabel(metric.replace("_", " ") + unit)
+    axis.set_title(title or f"{metric} against FLOPs")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    return _save(figure, path)
+
+
 def plot_vs_radius(rows: list[dict[str, Any]], k: float, path: Path, metric: str = "certified_acc",
                    title: str | None = None) -> Path:
     """Certified accuracy against L2 radius at one ``k``: HYDRA and LWM pruned to ``k``, dense dashed.

@@ -14,7 +14,8 @@ from typing import Any
 from .atomic import atomic_write_text
 from .config import Config
 from .evaluation import SECTIONS, configured_keys
-from .plots import LADDER, is_fraction, ladder_metrics, plot_ladder, plot_vs_radius, plot_vs_sparsity
+from .plots import (LADDER, is_fraction, ladder_metrics, plot_ladder, plot_vs_cost, plot_vs_radius,
+                    plot_vs_sparsity)
 from .runs import RunError, evaluation, read_config, read_metrics
 
 
@@ -81,7 +82,9 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     metric = config.report_metric
     section = next((figure(r, metric)[0] for r in rows if figure(r, metric)[0]), None)
     ladder = [name for name in LADDER if name != metric]  # verified, exact and attacked accuracy side by side
-    columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *ladder, *config.report_columns, "seconds"]
+    columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *ladder, *config.report_columns, "params",
+               "mflops", "seconds"]
+    rows = [{**row, "mflops": row["flops"] / 1e6} if "flops" in row else row for row in rows]
     columns = [c for c in dict.fromkeys(columns) if c in ("run", "clean_acc") or any(figure(r, c)[1] is not None
                                                                                    for r in rows)]
     loss = {key: value for key, value in config.loss.items() if key in ("name", "eps", "sigma", "beta")}
@@ -121,6 +124,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     covered = _covers(section, made)
     title = f"{config.model}, {config.dataset}: {metric}{covered}" + (f", {len(seeds)} seeds" if len(seeds) > 1 else "")
     plot_vs_sparsity(plot_rows, metric, out / "sparsity.png", title=title)
+    if any("flops" in row for row in rows):
+        plot_vs_cost(plot_rows, metric, out / "flops.png", title=f"{config.model}, {config.dataset}: {metric}{covered}")
     if len(ladder_metrics(ladder_rows)) > 1:
         plot_ladder(ladder_rows, out / "robustness.png", title=f"{config.model}, {config.dataset}: verified, exact "
                     "and attacked accuracy" + (f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""))

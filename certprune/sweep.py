@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed
+from .complexity import run_complexity
 from .config import Config
 from .devices import resolve_device
 from .evaluation import evaluate_configured, missing_evaluations, reportable
@@ -89,7 +90,8 @@ def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> 
         if missing:
             log.info("sweep %s: evaluating %s (%s)", out, name, ", ".join(missing))
             evaluate_configured(run_dir, run_config, device, sections=missing, data=data)
-        rows.append({**read_metrics(run_dir), "run": name})
+        costs = run_complexity(run_dir) if config.prune.granularity == "channel" else {}  # what compaction buys
+        rows.append({**read_metrics(run_dir), **costs, "run": name})
     if distributed.is_main():  # under torchrun rank 0 writes the report
         write_report(rows, out, config)
     return rows

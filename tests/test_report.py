@@ -92,3 +92,18 @@ def test_a_sweep_over_allocations_prunes_each_from_the_same_dense_model(tmp_path
     assert {row["source"] for row in rows[1:]} == {str(tmp_path / "dense")}
     assert {(row["allocation"], row["k"]) for row in json.loads((tmp_path / "summary.json").read_text())} == {
         (None, 1.0), ("layerwise", 0.05), ("erk", 0.05)}
+
+
+def test_a_channel_sweep_shows_parameters_and_flops_of_the_compact_networks(tmp_path):
+    config = tiny_config(k=[0.5], prune_methods=["lwm"], prune={"epochs": 0, "granularity": "channel"},
+                         finetune={"epochs": 0}, pretrain={"epochs": 1}, verify={"max": 8, "bound_methods": ["IBP"]})
+    rows = sweep(config, tmp_path)
+    dense, pruned = rows
+    assert pruned["flops"] < 0.5 * dense["flops"] and pruned["params"] < 0.5 * dense["params"]  # half the channels
+    text = (tmp_path / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| run")).split(" | ")
+    assert "params" in header and "mflops" in header
+    cells = next(line for line in text.splitlines() if line.startswith("| lwm-k0.5")).split(" | ")
+    assert cells[header.index("params")] == str(pruned["params"])
+    assert float(cells[header.index("mflops")]) == pytest.approx(pruned["flops"] / 1e6, rel=1e-3)
+    assert (tmp_path / "flops.png").exists()
