@@ -161,6 +161,9 @@ def verify(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch
     if onnx or vnnlibs or instances or out:
         from .certify.instances import verify_command
 
+        if restart:
+            raise ValueError("--restart applies to --from RUN (its verify TSV); --onnx/--instances keep no state")
+
         return click.echo(verify_command(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch_size,
                                          timeout, device), nl=False)
     if source is None:

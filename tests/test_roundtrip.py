@@ -235,6 +235,7 @@ def exported(tmp_path_factory, trained):
     (["--instances", "instances.csv", "--eps", "0.1"], "--eps does not apply"),
     (["--instances", "instances.csv", "--method", "PGD"], "unknown verification method PGD"),
     (["--instances", "instances.csv", "--max", "0"], "--max must be positive"),
+    (["--instances", "instances.csv", "--restart"], "--restart applies to --from RUN"),
     (["--onnx", "model.onnx", "--vnnlib", "strict.vnnlib"], "strict.vnnlib line "),
     ([], "--from is required"),
 ])
