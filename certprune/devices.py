@@ -46,3 +46,12 @@ def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's first parameter or buffer lives (CPU for a model without tensors)."""
     tensor = next(iter([*model.parameters(), *model.buffers()]), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def deterministic() -> int:
+    """Ask torch for deterministic kernels (where one exists; the others warn instead of failing) and return the
+    thread count. With the run's seeds this makes the same command on the same machine give the same model and
+    figures. What still varies: the CPU thread count and the device (float sums taken in another order can move
+    a borderline image), the torch version, and the number of torchrun processes (the batch is shared out)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.get_num_threads()

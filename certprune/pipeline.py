@@ -24,7 +24,7 @@ from . import distributed, masking
 from .atomic import atomic_write_text
 from .config import Config, PhaseConfig
 from .data import Dataset, load_dataset
-from .devices import model_device, resolve_device
+from .devices import deterministic, model_device, resolve_device
 from .losses import make_loss
 from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, build_model, differences, is_finished, load_model_file,
                    load_state, locked, read_config, read_metrics, resolve_model_path, safe_load, save_checkpoint,
@@ -195,7 +195,8 @@ def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[
         facts["kept_channels_per_layer"] = {name: list(c) for name, c in masking.channel_counts(model).items()}
     seconds = facts.pop("train_seconds", 0.0)
     metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset,
-               "model": architecture["name"], "loss": config.loss_name, "seed": config.seed, "seconds": seconds}
+               "model": architecture["name"], "loss": config.loss_name, "seed": config.seed, "seconds": seconds,
+               "torch_threads": torch.get_num_threads()}  # figures are reproducible at the same thread count
     if distributed.is_main():
         save_model(model, run_dir / MODEL_FILE, architecture)
         write_metrics(run_dir, metrics)
@@ -212,6 +213,7 @@ def _run(run_dir: Path, config: Config, identity: dict[str, Any], resume: bool, 
         return read_metrics(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"--out {run_dir} is a file")
+    deterministic()
     model, architecture, data, phases, facts = build()  # loads and checks everything before a file is written
     with locked(run_dir) if distributed.is_main() else contextlib.nullcontext():
         checkpoint = _start_run(run_dir, config, identity, resume)

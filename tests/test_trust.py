@@ -165,6 +165,8 @@ def test_the_same_prune_twice_gives_the_same_model_and_figures(dense, tmp_path):
             for timing in [key for key in made if key.startswith("seconds")]:
                 made.pop(timing)
     assert figures[0] == figures[1]
+    assert torch.are_deterministic_algorithms_enabled()  # what the runs asked torch for
+    assert figures[0]["torch_threads"] == torch.get_num_threads()  # and the one setting that still moves figures
 
 
 @pytest.mark.parametrize("seeds, fragment", [("[]", "seeds: List should have at least 1 item"),
