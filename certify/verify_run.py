@@ -25,10 +25,10 @@ from certprune.config import VerifyConfig
 from certprune.runs import RunError, model_fingerprint, read_image_table
 
 from . import verify
+from .cascade import MILP_CHUNK  # images per flush when the MILP runs: an interruption loses at most their work
 
 TSV_COLUMNS = ("index", "label", "prediction", "verified_by", "falsified", "falsified_by", "margin_lower_bound",
                "seconds")
-MILP_CHUNK = 16  # images per flush when the MILP runs: an interruption loses at most this many images' work
 
 
 def file_stem(key: str) -> str:
