@@ -24,7 +24,7 @@ from certprune.certify.vnnlib import parse_vnnlib
 from certprune.data import load_dataset
 from certprune.lirpa import BoundedProxy, spec_of
 from certprune.models import Normalize, create_model
-from helpers import assert_one_line_error, run
+from helpers import assert_one_line_error, run, trained_7x7
 
 DECLARE = "".join(f"(declare-const X_{i} Real)\n" for i in range(3)) + "".join(
     f"(declare-const Y_{j} Real)\n" for j in range(4))
@@ -136,20 +136,8 @@ EPS = 0.03
 @pytest.fixture(scope="module")
 def trained():
     """A conv net trained for a second on 7x7 MNIST (average-pooled): at EPS, images of every verdict."""
-    torch.manual_seed(0)
-    data = load_dataset("mnist-embedded")
-    shrink = lambda images: nn.functional.avg_pool2d(images, 4)  # noqa: E731
-    x, y = shrink(data.train_x[:2000]), data.train_y[:2000]
-    model = nn.Sequential(Normalize([0.3], [0.4]), nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(60):
-        batch = torch.randint(0, len(x), (128,))
-        loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), shrink(data.test_x[:20]), data.test_y[:20]
+    model, x, y = trained_7x7()
+    return model, x[:20], y[:20]
 
 
 def run_verdicts(records):
