@@ -67,8 +67,8 @@ def sweep(config: Config, out: str | Path, source: str | Path | None = None) -> 
     plan = [(seed, name, method, k, allocation) for seed in seeds
             for name, method, k, allocation in [(run_name(DENSE, None, seed), DENSE, None, None)]
             + [(run_name(m, k, seed, a), m, k, a) for k in config.k for a in allocations for m in config.prune_methods]]
-    configs = {(seed, allocation): _variant(config, seed, allocation) for seed in seeds for allocation in allocations}
-    configs.update({(seed, None): _variant(config, seed, None) for seed in seeds})
+    configs = {(seed, allocation): _variant(config, seed, allocation)  # None: the dense run's
+               for seed in seeds for allocation in {None, *allocations}}
     if source is not None and not is_finished(Path(source)):
         raise RunError(f"--from {source} holds no finished run")
     for seed, name, method, _, allocation in plan:  # refuse before any training, not after hours of it
