@@ -114,8 +114,10 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
         lines.append("| " + " | ".join(_fmt(column, _value(row, column, section)) for column in columns) + " |")
     ladder_rows = with_ladder(rows)
     if len(ladder_metrics(ladder_rows)) > 1:
+        attacked = any(m in ("pgd_acc", "autoattack_acc") for m in ladder_metrics(ladder_rows))
         lines += ["", "`robustness.png`: " + ", ".join(f"`{m}`" for m in ladder_metrics(ladder_rows)) + " against "
-                  "sparsity; the true robust accuracy lies between the verified figure and the strongest attack's."]
+                  "sparsity" + ("; the true robust accuracy lies between the verified figure and the strongest "
+                                "attack's." if attacked else ".")]
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "summary.json",
                       json.dumps(summary(rows, section, metric), indent=2) + "\n")
@@ -211,6 +213,8 @@ def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, co
                 cells.append(f"{scale * values[0]:.1f}")
             else:
                 cells.append(f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}")
+            if values and len(values) < len(members):  # e.g. robust_acc_exact exists only where every image was decided
+                cells[-1] += f" (n = {len(values)})"
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -43,6 +43,7 @@ def test_results_show_verified_exact_pgd_and_autoattack_side_by_side(tmp_path):
     assert header.split(" | ")[5:9] == ["verified_acc", "robust_acc_exact", "autoattack_acc", "pgd_acc"]
     assert "| lwm-k0.1 | lwm | 0.1 | 90.0 | 90.0 | 60.0 | 61.0 | 66.0 | 70.0 |" in text
     assert "| hydra | layerwise | 0.1 | 2 | 90.0 ± 0.0 | 90.0 ± 0.0 | 71.0 ± 1.4 |  | 76.0 ± 1.4 | 77.0 ± 1.4 |" in text
+
     assert "- `attack`: PGD-5 (linf, eps 0.05, step auto, 1 restart(s), seed 0); 64 of 1500 test images." in text
     assert "- `autoattack`: AutoAttack standard (linf, eps 0.05, seed 0); 64 of 1500 test images." in text
     assert (tmp_path / "robustness.png").stat().st_size > 10_000
@@ -107,3 +108,10 @@ def test_a_channel_sweep_shows_parameters_and_flops_of_the_compact_networks(tmp_
     assert cells[header.index("params")] == str(pruned["params"])
     assert float(cells[header.index("mflops")]) == pytest.approx(pruned["flops"] / 1e6, rel=1e-3)
     assert (tmp_path / "flops.png").exists()
+
+
+def test_a_mean_over_fewer_seeds_than_the_row_has_says_how_many(tmp_path):
+    rows = [*ROWS[1:3], {**run_metrics("hydra", 0.1, 2, 0.74, 0.75, 0.8, 0.8)}]  # only seed 2 decided every image
+    write_report(rows, tmp_path, CONFIG)
+    assert "| hydra | layerwise | 0.1 | 3 | 90.0 ± 0.0 | 90.0 ± 0.0 | 72.0 ± 2.0 | 75.0 (n = 1) |" in (
+        tmp_path / "results.md").read_text()
