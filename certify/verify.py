@@ -135,13 +135,33 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
         if method != "MILP" and len(todo):
             cascade.seconds[todo] += spent / len(todo)
         figures[f"seconds_{method_key(method)}"] = distributed.mean_across_ranks({"s": spent})["s"]
-    return _summary(figures, methods, cascade, correct, prediction, y, positions, n)
+    return _summary(figures, methods, cascade, prediction, y, positions, n)
 
 
-def _summary(figures, methods, cascade, correct, prediction, y, positions, n) -> dict:
+def figures_of(rows: list[dict], methods: list[str]) -> dict[str, float]:
+    """The verification figures of per-image ``rows`` (fractions of all of them): the union, each stage's share, and
+    ``robust_acc_exact`` when no correctly classified image is left undecided. One definition for a single call
+    and for a run's TSV lines."""
+    n = len(rows)
+    frac = lambda test: sum(1 for row in rows if test(row)) / n if n else 0.0  # noqa: E731
+    correct = lambda row: row["prediction"] == row["label"]  # noqa: E731
+    unknown = lambda row: correct(row) and not row["verified_by"] and not row["falsified"]  # noqa: E731
+    figures = {"clean_acc": frac(correct), "verified_acc": frac(lambda row: bool(row["verified_by"])),
+               "falsified_acc": frac(lambda row: row["falsified"]), "unknown_acc": frac(unknown)}
+    figures["decided_fraction"] = 1.0 - figures["unknown_acc"]
+    figures["falsified_by_attack_acc"] = frac(lambda row: row["falsified_by"] == "PGD")
+    for position, method in enumerate(methods):
+        kind = "acc" if position == 0 else "extra"
+        figures[f"verified_{kind}_{method_key(method)}"] = frac(lambda row: row["verified_by"] == method)
+    if not any(unknown(row) for row in rows):
+        figures["robust_acc_exact"] = figures["verified_acc"]
+    return figures
+
+
+def _summary(figures, methods, cascade, prediction, y, positions, n) -> dict:
     """Merge the ranks' shares and turn the per-image state into figures and records."""
     merge = lambda values: distributed.merge(values, positions, n)  # noqa: E731
-    stage, falsified, correct = merge(cascade.stage), merge(cascade.falsified), merge(correct)
+    stage, falsified = merge(cascade.stage), merge(cascade.falsified)
     by_attack = merge(torch.tensor([by == "PGD" for by in cascade.falsified_by], dtype=torch.bool))
     margin, seconds, prediction, label = (merge(cascade.margin), merge(cascade.seconds), merge(prediction),
                                           merge(y.cpu()))
@@ -150,22 +170,13 @@ def _summary(figures, methods, cascade, correct, prediction, y, positions, n) ->
         width = flat.shape[1]
         flat = distributed.merge(flat.flatten(), (positions[:, None] * width + torch.arange(width)).flatten(),
                                  n * width).view(n, width)
-    verified, frac = stage > 0, lambda mask: float(mask.float().mean()) if n else 0.0  # noqa: E731
-    unknown = correct & ~verified & ~falsified
-    figures.update(clean_acc=frac(correct), verified_acc=frac(verified), falsified_acc=frac(falsified),
-                   unknown_acc=frac(unknown), decided_fraction=1.0 - frac(unknown),
-                   falsified_by_attack_acc=frac(by_attack))
-    for position, method in enumerate(methods):
-        kind = "acc" if position == 0 else "extra"
-        figures[f"verified_{kind}_{method_key(method)}"] = frac(stage == STAGES.index(method) + 1)
-    if not unknown.any():
-        figures["robust_acc_exact"] = figures["verified_acc"]
     figures["_per_image"] = [
         {"index": i, "label": int(label[i]), "prediction": int(prediction[i]),
          "verified_by": STAGES[int(stage[i]) - 1] if stage[i] > 0 else "", "falsified": bool(falsified[i]),
          "falsified_by": ("PGD" if by_attack[i] else "MILP") if falsified[i] else "",
          "margin_lower_bound": float(margin[i]) if torch.isfinite(margin[i]) else None,
          "seconds": float(seconds[i])} for i in range(n)]
+    figures.update(figures_of(figures["_per_image"], methods))
     index = torch.nonzero(falsified).flatten()
     figures["_counterexamples"] = flat[index].view(len(index), *cascade.counterexamples.shape[1:])
     figures["_counterexample_index"] = index.tolist()

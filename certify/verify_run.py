@@ -58,18 +58,7 @@ def read_rows(path: Path) -> dict[int, dict[str, Any]]:
 def summarize(rows: list[dict[str, Any]], methods: list[str], stage_seconds: dict[str, float]) -> dict[str, Any]:
     """The verification figures of ``rows`` (fractions of all of them): the union and each stage's share."""
     n = len(rows)
-    frac = lambda test: sum(1 for row in rows if test(row)) / n if n else 0.0  # noqa: E731
-    correct = lambda row: row["prediction"] == row["label"]  # noqa: E731
-    unknown = lambda row: correct(row) and not row["verified_by"] and not row["falsified"]  # noqa: E731
-    figures = {"clean_acc": frac(correct), "verified_acc": frac(lambda row: bool(row["verified_by"])),
-               "falsified_acc": frac(lambda row: row["falsified"]), "unknown_acc": frac(unknown)}
-    figures["decided_fraction"] = 1.0 - figures["unknown_acc"]
-    figures["falsified_by_attack_acc"] = frac(lambda row: row["falsified_by"] == "PGD")
-    for position, method in enumerate(methods):
-        kind = "acc" if position == 0 else "extra"
-        figures[f"verified_{kind}_{verify.method_key(method)}"] = frac(lambda row: row["verified_by"] == method)
-    if not any(unknown(row) for row in rows):
-        figures["robust_acc_exact"] = figures["verified_acc"]
+    figures = verify.figures_of(rows, methods)
     figures.update({f"seconds_{verify.method_key(m)}": stage_seconds.get(m, 0.0) for m in methods})
     figures["seconds_per_image"] = sum(row["seconds"] for row in rows) / n if n else 0.0
     return figures
