@@ -1,7 +1,9 @@
 """Dense against compact: what removing channels buys at run time, in one run on this machine.
 
 A channel-pruned model, compacted (:func:`certprune.masking.compacted`), is timed against its dense source in the
-same process: CPU inference latency (median over repeats) at batch 1 and batch 256, IBP and CROWN margin bounds of
+same process: CPU inference latency (median and fastest over repeats) at batch 1 and batch 256, each of the model as it is
+(eager) and frozen for inference (TorchScript ``freeze`` + ``optimize_for_inference``, which fuses each conv with
+its ReLU: at batch 1 a pass of a few MFLOPs is mostly per-layer dispatch, which freezing removes), IBP and CROWN margin bounds of
 ``--images`` test images (every image bounded by both methods, not the cascade: its cost does not then depend on
 which images the model happens to verify), and optionally the complete MILP verifier on ``--milp`` images. It prints
 each ratio dense / compact and writes everything as JSON.
@@ -44,6 +46,12 @@ def latency(model, x, repeats: int) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times)}
 
 
+def frozen(model):
+    """The deployed form: a frozen TorchScript graph with conv + ReLU fused (its outputs are checked by the caller)."""
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))
+
+
 def bound_seconds(model, x, y, eps: float, method: str, batch: int) -> float:
     proxy = BoundedProxy(model, x[:1])
     started = time.perf_counter()
@@ -84,10 +92,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=30, help="latency repeats at batch 256 (x10 at batch 1)")
     parser.add_argument("--milp", type=int, default=0, help="images for the MILP timing [0: skip]")
     parser.add_argument("--milp-timeout", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads [torch's default]")
     parser.add_argument("--out", help="JSON file")
     args = parser.parse_args()
     if bool(args.dense) != bool(args.pruned):
         parser.error("--dense and --pruned go together")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = load_dataset("mnist-embedded")
     x, y = data.test_x[:args.images], data.test_y[:args.images]
     dense, pruned, compact, widths = models(args)
@@ -98,9 +109,13 @@ def main():
               "widths": widths, "max_logit_gap": gap}
     for name, model in (("dense", dense), ("compact", compact)):
         figures = complexity(model, tuple(x.shape[1:]))
-        for batch, repeats in ((1, 10 * args.repeats), (256, args.repeats)):
-            for kind, seconds in latency(model, data.test_x[:batch], repeats).items():
-                figures[f"latency_b{batch}_{kind}_s"] = seconds
+        deployed = frozen(model)
+        with torch.no_grad():
+            figures["frozen_max_logit_gap"] = float((deployed(x) - model(x)).abs().max())
+        for form, runnable in (("", model), ("frozen_", deployed)):
+            for batch, repeats in ((1, 10 * args.repeats), (256, args.repeats)):
+                for kind, seconds in latency(runnable, data.test_x[:batch], repeats).items():
+                    figures[f"{form}latency_b{batch}_{kind}_s"] = seconds
         for method in ("IBP", "CROWN"):
             figures[f"{method.lower()}_s"] = bound_seconds(model, x, y, args.eps, method, args.bound_batch)
         figures["ibp_crown_s"] = figures["ibp_s"] + figures["crown_s"]
@@ -108,8 +123,8 @@ def main():
             figures["milp"] = milp_seconds(model, x[:args.milp], y[:args.milp], args.eps, args.milp_timeout)
         result[name] = figures
         print(name, json.dumps(figures), flush=True)
-    keys = ["params", "flops"] + [f"latency_b{b}_{kind}_s" for b in (1, 256) for kind in ("median", "min")] + [
-        "ibp_s", "crown_s", "ibp_crown_s"]
+    keys = ["params", "flops"] + [f"{form}latency_b{b}_{kind}_s" for form in ("", "frozen_") for b in (1, 256)
+                                  for kind in ("median", "min")] + ["ibp_s", "crown_s", "ibp_crown_s"]
     result["dense_over_compact"] = {key: result["dense"][key] / result["compact"][key] for key in keys}
     if args.milp:
         result["dense_over_compact"]["milp_s"] = (result["dense"]["milp"]["seconds_per_image"]
