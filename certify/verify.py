@@ -21,10 +21,9 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from certprune import distributed
-from certprune.lirpa import METHODS, BoundedProxy, canonical_method, input_box
+from certprune.lirpa import METHODS, canonical_method, input_box
 from certprune.quantities import parse_eps
 
 from .cascade import STAGES, Cascade
@@ -76,32 +75,31 @@ def ordered_methods(methods) -> list[str]:
 
 def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, methods=("IBP", "CROWN"),
                     batch_size: int = 256, cascade: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per image: classified correctly, and proven by each method (boolean vectors of ``len(x)``).
+    """Per image: classified correctly, and proven by each method (boolean vectors of ``len(x)``, on the CPU).
 
-    Under torchrun each process bounds every world_size-th batch of images and the vectors are merged, so every
-    process gets the single-process result."""
+    With ``cascade`` a method bounds only the images the methods before it left open (one :class:`Cascade`, as
+    :func:`evaluate`); without, every method bounds every correctly classified image (a fresh cascade each), so each
+    vector is that method's own figure. Under torchrun each process bounds its share of the images and the vectors
+    are merged, so every process gets the single-process result."""
     methods = _canonical(list(methods), METHODS)
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     model.eval()
-    proxy = BoundedProxy(model, x[:1])
     positions = distributed.shard(len(x), batch_size)
     n, x, y = len(x), x[positions], y[positions]
     with torch.no_grad():
-        correct = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # not torch.cat: a rank's share may be empty
+        correct = torch.zeros(len(x), dtype=torch.bool)  # not torch.cat: a rank's share may be empty
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
-            correct[part] = model(x[part]).argmax(1) == y[part]
-        verified = torch.zeros_like(correct)
-        by_method = {}
-        for method in methods:
-            todo = torch.nonzero(correct & ~verified if cascade else correct).flatten()
-            proven = torch.zeros_like(correct)
-            for start in tqdm(range(0, len(todo), batch_size), desc=f"verify {method}", leave=False, disable=None):
-                index = todo[start:start + batch_size]
-                proven[index] = proxy.margin_lower_bounds(x[index], y[index], eps, method).min(1).values > 0
-            by_method[method] = proven
-            verified |= proven
+            correct[part] = (model(x[part]).argmax(1) == y[part]).cpu()
+    shared = Cascade(model, *input_box(x, eps), y)
+    by_method = {}
+    for method in methods:
+        state = shared if cascade else Cascade(model, *input_box(x, eps), y)
+        todo = state.open(correct)
+        if len(todo):
+            state.bound(method, todo, batch_size)
+        by_method[method] = state.stage == STAGES.index(method) + 1
     return (distributed.merge(correct, positions, n),
             {method: distributed.merge(proven, positions, n) for method, proven in by_method.items()})
 
