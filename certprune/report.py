@@ -92,7 +92,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
              f"Loss {loss}; epochs pretrain {config.pretrain.epochs}, prune {config.prune.epochs}, finetune "
              f"{config.finetune.epochs} (LWM: prune + finetune of fine-tuning); allocation "
              f"{', '.join(config.allocations or [config.prune.allocation])};"
-             f" seed {config.seed}.", "",
+             f" {_seeds_phrase(sorted({row.get('seed') for row in rows}))}.", "",
              f"Accuracies and sparsity in %; `clean_acc` is on the images of `{metric}`'s evaluation; seconds are "
              "training plus evaluation per run. Each evaluation covers:", ""]
     for name in SECTIONS:
@@ -196,6 +196,11 @@ def summary(rows: list[dict[str, Any]], section: str | None, metric: str) -> lis
                     "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
                     "values": values, "seeds": [r.get("seed") for r in members]})
     return out
+
+
+def _seeds_phrase(seeds: list) -> str:
+    """``seed 0`` or ``seeds 0, 1, 2``: the seeds the runs of this report were trained with, as their records say."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
 def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, columns: list[str]) -> list[str]:

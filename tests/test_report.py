@@ -115,3 +115,11 @@ def test_a_mean_over_fewer_seeds_than_the_row_has_says_how_many(tmp_path):
     write_report(rows, tmp_path, CONFIG)
     assert "| hydra | layerwise | 0.1 | 3 | 90.0 ± 0.0 | 90.0 ± 0.0 | 72.0 ± 2.0 | 75.0 (n = 1) |" in (
         tmp_path / "results.md").read_text()
+
+
+def test_the_header_names_the_seeds_the_runs_were_trained_with_not_the_configs_single_seed(tmp_path):
+    write_report(ROWS, tmp_path, CONFIG)  # CONFIG.seed is 0; the rows hold seeds 0 and 1
+    header = (tmp_path / "results.md").read_text().split("\n\n")[1]
+    assert header.endswith("seeds 0, 1.") and "seed 0." not in header
+    write_report(ROWS[:2], tmp_path, CONFIG)
+    assert (tmp_path / "results.md").read_text().split("\n\n")[1].endswith("; seed 0.")
