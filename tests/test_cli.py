@@ -1,5 +1,6 @@
 """The command line end to end on a tiny config, and its answers to bad input: one line, non-zero exit."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import yaml
 from certprune.models import create_model
 from certprune.runs import FORMAT
 from helpers import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 from helpers import assert_one_line_error, record_of, run
@@ -116,3 +119,13 @@ def test_bad_config_file(tmp_path):
 
 def test_existing_run_is_never_overwritten(sweep_dir):
     assert_one_line_error(run("pretrain", "--out", sweep_dir / "dense", "--set", "pretrain.epochs=1"), "--resume")
+
+
+@pytest.mark.parametrize("name", sorted(p.relative_to(ROOT / "configs").as_posix()
+                                        for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_config_is_valid_and_its_report_metric_is_one_its_evaluations_give(name):
+    from certprune.config import load_config
+    from certprune.evaluation import reportable
+
+    config = load_config(ROOT / "configs" / name)
+    assert config.report_metric in reportable(config)
