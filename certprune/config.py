@@ -61,6 +61,7 @@ class PruneConfig(PhaseConfig):
 
     allocation: str = "layerwise"
     granularity: str = "weight"  # weight | channel (whole output channels; certprune.masking.channel)
+    channel_scores: str = "channel"  # channel | weight-l1 (HYDRA App. C.9: per-weight scores, ranked by channel L1)
     rate_lr: PositiveFloat = 1e-2  # the learned allocation's per-layer rates (their own learning rate)
 
 
@@ -189,7 +190,7 @@ class Config(Section):
             raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma, or --sigma)")
         for allocation in [self.prune.allocation, *(self.allocations or [])]:
             _check_allocation(allocation)
-            _check_granularity(self.prune.granularity, allocation, self.model)
+            _check_granularity(self.prune.granularity, allocation, self.model, self.prune.channel_scores)
         _check_augment(self.augment, self.dataset)
         return self
 
@@ -235,13 +236,14 @@ def _check_allocation(allocation: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _check_granularity(granularity: str, allocation: str, model: str) -> None:
-    """An unknown granularity, an allocation it does not take, or a model whose channels cannot be removed one layer
-    at a time (residual networks), refused here, before any pretraining."""
+def _check_granularity(granularity: str, allocation: str, model: str, channel_scores: str = "channel") -> None:
+    """An unknown granularity, an allocation it does not take, channel scores unknown or without channels, or a model
+    whose channels cannot be removed one layer at a time (residual networks), refused here, before any pretraining."""
     from . import masking
     from .models import create_model
 
-    masking.check_granularity(granularity, allocation, create_model(model) if granularity == "channel" else None)
+    masking.check_granularity(granularity, allocation, create_model(model) if granularity == "channel" else None,
+                              channel_scores)
 
 
 def _check_augment(names: list[str], dataset: str) -> None:

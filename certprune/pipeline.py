@@ -263,7 +263,7 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
         torch.manual_seed(config.seed)
         init = "scaled" if method == "hydra" else "magnitude"
         masking.apply_masks(model, k, init=init, allocation=config.prune.allocation,
-                            granularity=config.prune.granularity)
+                            granularity=config.prune.granularity, channel_scores=config.prune.channel_scores)
         if method == "hydra":
             phases = [("prune", config.prune), ("finetune", config.finetune)]
         else:
@@ -271,6 +271,8 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
             phases = [("finetune", config.finetune.model_copy(update={"epochs": total}))]
         facts = {"method": method, "k": k, "source": str(source), "allocation": config.prune.allocation,
                  "granularity": config.prune.granularity}
+        if config.prune.granularity == "channel":
+            facts["channel_scores"] = config.prune.channel_scores
         return model, architecture, loaded, phases, facts
 
     return _run(Path(run_dir), config, identity, resume, build)

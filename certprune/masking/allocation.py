@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .channel import ChannelMask, channel_groups, channel_scores
+from .channel import CHANNEL_SCORES, WeightL1ChannelMask, channel_groups, channel_mask
 from .core import Plan, TopKMask, _GivenStraightThrough, cache_generation, check_k, is_masked, num_kept, \
     prunable_layers, scaled_scores
 
@@ -186,7 +186,8 @@ class LearnedPlan(_SharedPlan):
 
 
 def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"] = "scaled",
-                allocation: Allocation = "layerwise", granularity: Granularity = "weight") -> nn.Module:
+                allocation: Allocation = "layerwise", granularity: Granularity = "weight",
+                channel_scores: str = "channel") -> nn.Module:
     """Attach a :class:`TopKMask` to every prunable layer; returns ``model``. Totals: see the module doc.
 
     ``init="scaled"`` is HYDRA's score initialisation; ``"magnitude"`` sets ``scores = |w|``. Both rank weights
@@ -209,13 +210,16 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
 
     ``granularity="channel"`` masks whole output channels instead (:mod:`.channel`: every layer but the last, the
     units counted are channels, scores start from filter L1 norms); ``layerwise`` and ``global`` apply to it.
+    ``channel_scores="weight-l1"`` keeps HYDRA's per-weight scores there and ranks each channel by their L1 norm
+    (:class:`~.channel.WeightL1ChannelMask`); its ``global`` scale is ``1 / max(initial channel norm)``, so that it
+    too compares ``norm / max(norm)`` at the start.
     """
     k = check_k(k)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
     if init not in INITS:
         raise ValueError(f"unknown score init {init!r}; choose from {', '.join(INITS)}")
-    check_granularity(granularity, allocation)
+    check_granularity(granularity, allocation, channel_scores=channel_scores)
     layers = [layer for _, layer in prunable_layers(model)]
     if not layers:
         raise ValueError("model has no Conv2d or Linear layer to prune")
@@ -229,7 +233,7 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
         raise ValueError(f"k = {k} keeps {budget} {granularity}s, fewer than the {len(sizes)} layers (one each at "
                          "least)")
     if groups:
-        masks: list[TopKMask] = [ChannelMask(channel_scores(w, init), k, w[0].numel()) for w in weights]
+        masks: list[TopKMask] = [channel_mask(w, k, init, channel_scores) for w in weights]
         targets = [group.tensors() for group in groups]
     else:
         counts = erk_counts([tuple(w.shape) for w in weights], k) if allocation == "erk" else [None] * len(layers)
@@ -238,8 +242,9 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
         targets = [[(layer, "weight")] for layer in layers]
     if allocation == "global":
         for mask, w in zip(masks, weights):
-            magnitude = max(float(mask.scores.detach().abs().max()), 1e-30)
-            factor = 1.0 / (math.sqrt(6.0 / w[0].numel()) if init == "scaled" else magnitude)
+            magnitude = max(float(mask.magnitude().detach().max()), 1e-30)
+            per_weight = isinstance(mask, WeightL1ChannelMask)  # scaled scores, but its peak is a channel norm
+            factor = 1.0 / (math.sqrt(6.0 / w[0].numel()) if init == "scaled" and not per_weight else magnitude)
             mask.register_buffer("scale", torch.tensor(factor, dtype=w.dtype, device=w.device))
         GlobalPlan(masks, budget)
     elif allocation == "learned":
@@ -252,11 +257,18 @@ def apply_masks(model: nn.Module, k: float, init: Literal["scaled", "magnitude"]
     return model
 
 
-def check_granularity(granularity: str, allocation: str = "layerwise", model: nn.Module | None = None) -> None:
-    """A one-line ``ValueError`` for an unknown granularity, an allocation that does not apply to it, or a ``model``
-    whose channels cannot be pruned (:func:`~.channel.channel_groups`)."""
+def check_granularity(granularity: str, allocation: str = "layerwise", model: nn.Module | None = None,
+                      channel_scores: str = "channel") -> None:
+    """A one-line ``ValueError`` for an unknown granularity, an allocation that does not apply to it, channel scores
+    that are unknown or without channels, or a ``model`` whose channels cannot be pruned
+    (:func:`~.channel.channel_groups`)."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown prune granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}")
+    if channel_scores not in CHANNEL_SCORES:
+        raise ValueError(f"unknown prune channel_scores {channel_scores!r}; choose from {', '.join(CHANNEL_SCORES)}")
+    if channel_scores != "channel" and granularity != "channel":
+        raise ValueError(f"prune channel_scores {channel_scores} ranks channels; it needs granularity channel, "
+                         f"not {granularity}")
     if granularity == "channel" and allocation not in CHANNEL_ALLOCATIONS:
         raise ValueError(f"allocation {allocation} shares weights, not channels; channel granularity takes "
                          f"{' or '.join(CHANNEL_ALLOCATIONS)}")

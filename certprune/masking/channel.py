@@ -21,11 +21,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .core import PRUNABLE, TopKMask, dense_copy, is_masked, mask_of, prunable_layers
+from .core import PRUNABLE, TopKMask, dense_copy, is_masked, mask_of, prunable_layers, scaled_scores
 
 CHANNELWISE = (nn.ReLU, nn.BatchNorm1d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
                nn.Dropout, nn.Identity)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+CHANNEL_SCORES = ("channel", "weight-l1")  # one score per channel, or HYDRA's per weight ranked by channel L1
 
 
 class ChannelMask(TopKMask):
@@ -42,6 +43,19 @@ class ChannelMask(TopKMask):
 
     def forward(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor * self.mask().view(-1, *[1] * (tensor.dim() - 1))
+
+
+class WeightL1ChannelMask(ChannelMask):
+    """HYDRA's per-weight scores ranked per channel (Sehwag et al. 2020, App. C.9; ``channel_scores="weight-l1"``):
+    ``scores`` has the weight's shape, and a channel's rank is the L1 norm of its weights' scores. The top-k over
+    those norms is straight-through, so each score gets ``sign(score)`` times its channel's mask gradient."""
+
+    @property
+    def size(self) -> int:
+        return self.scores.shape[0]
+
+    def magnitude(self) -> torch.Tensor:
+        return self.scores.abs().flatten(1).sum(1)
 
 
 @dataclass
@@ -110,6 +124,16 @@ def channel_scores(weight: torch.Tensor, init: str) -> torch.Tensor:
         return norms
     peak = norms.max().clamp_min(torch.finfo(norms.dtype).tiny)
     return math.sqrt(6.0 / weight[0].numel()) * norms / peak
+
+
+def channel_mask(weight: torch.Tensor, k: float, init: str, scores: str = "channel") -> ChannelMask:
+    """The mask of one layer's channels. ``scores="channel"``: one score per channel (:func:`channel_scores`);
+    ``"weight-l1"``: HYDRA's per-weight scores ranked by their channel's L1 norm (:class:`WeightL1ChannelMask`).
+    Only HYDRA's ``scaled`` init differs between the two: LWM (``magnitude``) ignores ``scores``, since the L1
+    norm of ``|w|`` per channel is the filter norm that its one score per channel already holds."""
+    if scores == "weight-l1" and init == "scaled":
+        return WeightL1ChannelMask(scaled_scores(weight.detach()), k, weight[0].numel())
+    return ChannelMask(channel_scores(weight, init), k, weight[0].numel())
 
 
 def channel_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
