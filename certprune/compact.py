@@ -22,7 +22,8 @@ from .runs import (MODEL_FILE, RunError, load_model_file, locked, read_config, r
                    save_model, write_config, write_metrics)
 
 TOLERANCE = 1e-4  # the compact model's logits may differ from the masked model's by float rounding only
-FACTS = ("method", "k", "allocation", "granularity", "dataset", "model", "loss", "seed", "kept_channels_per_layer")
+FACTS = ("method", "k", "allocation", "granularity", "channel_scores", "dataset", "model", "loss", "seed",
+         "kept_channels_per_layer")
 
 
 def _check_source(path: Path, metrics: dict[str, Any]) -> None:

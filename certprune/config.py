@@ -137,6 +137,7 @@ class Config(Section):
     dataset: str = "mnist-embedded"
     data_dir: str | None = None
     model: str = "cnn-small"
+    init: str = "default"  # the dense model's weights before pretraining: default (torch's) | ibp (Shi et al. 2021)
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:<index> (certprune.devices); torchrun: each process its GPU
     batch_size: PositiveInt = 128  # under torchrun the whole batch, shared out over the processes
@@ -165,12 +166,14 @@ class Config(Section):
     def _check_names(self) -> "Config":
         from .data import DATASETS
         from .losses import check_loss
-        from .models import MODELS
+        from .models import INITS, MODELS
 
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if self.model not in MODELS:
             raise ValueError(f"model: unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
+        if self.init not in INITS:
+            raise ValueError(f"init: unknown init {self.init!r}; choose from {', '.join(INITS)}")
         if not isinstance(self.loss.get("name"), str):
             raise ValueError("loss: needs a name, e.g. loss.name=crown-ibp")
         self.loss = _numeric_budgets(self.loss)
@@ -228,11 +231,10 @@ def _numeric_budgets(loss: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_allocation(allocation: str) -> None:
-    from . import masking
+    from .masking import ALLOCATIONS
 
-    choices = getattr(masking, "ALLOCATIONS", ("layerwise",))
-    if allocation not in choices:
-        raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(choices)}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,7 @@ from .config import Config, PhaseConfig
 from .data import Dataset, load_dataset
 from .devices import deterministic, model_device, resolve_device
 from .losses import make_loss
+from .models import initialise
 from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, build_model, differences, is_finished, load_model_file,
                    load_state, locked, read_config, read_metrics, resolve_model_path, safe_load, save_checkpoint,
                    save_model, write_config, write_metrics)
@@ -228,7 +229,7 @@ def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Da
         loaded = data_on(data or load_data(config), device)
         torch.manual_seed(config.seed)
         architecture = {"name": config.model, "kwargs": loaded.shape()}
-        model = build_model(architecture).to(device)
+        model = initialise(build_model(architecture), config.init).to(device)
         return model, architecture, loaded, [("pretrain", config.pretrain)], {"method": "dense", "k": 1.0}
 
     return _run(Path(run_dir), config, {"command": "pretrain"}, resume, build)
