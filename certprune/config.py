@@ -137,7 +137,7 @@ class Config(Section):
     dataset: str = "mnist-embedded"
     data_dir: str | None = None
     model: str = "cnn-small"
-    init: str = "default"  # the dense model's weights before pretraining: default (torch's) | ibp (Shi et al. 2021)
+    weight_init: str = "default"  # the dense model's weights before pretraining: default (torch's) | ibp (Shi et al.)
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:<index> (certprune.devices); torchrun: each process its GPU
     batch_size: PositiveInt = 128  # under torchrun the whole batch, shared out over the processes
@@ -166,14 +166,16 @@ class Config(Section):
     def _check_names(self) -> "Config":
         from .data import DATASETS
         from .losses import check_loss
-        from .models import INITS, MODELS
+        from .masking import ALLOCATIONS
+        from .models import MODELS, VERIFIABLE, WEIGHT_INITS
 
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset: unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
         if self.model not in MODELS:
             raise ValueError(f"model: unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
-        if self.init not in INITS:
-            raise ValueError(f"init: unknown init {self.init!r}; choose from {', '.join(INITS)}")
+        inits = WEIGHT_INITS if self.model in VERIFIABLE else ("default",)  # ibp lacks Shi et al.'s residual halving
+        if self.weight_init not in inits:
+            raise ValueError(f"weight_init: {self.weight_init!r}; model {self.model} takes {', '.join(inits)}")
         if not isinstance(self.loss.get("name"), str):
             raise ValueError("loss: needs a name, e.g. loss.name=crown-ibp")
         self.loss = _numeric_budgets(self.loss)
@@ -192,7 +194,8 @@ class Config(Section):
         if self.smoothing is not None and self.smoothing.sigma is None and "sigma" not in self.loss:
             raise ValueError(f"smoothing needs a sigma: the loss {self.loss_name!r} has none (set smoothing.sigma, or --sigma)")
         for allocation in [self.prune.allocation, *(self.allocations or [])]:
-            _check_allocation(allocation)
+            if allocation not in ALLOCATIONS:
+                raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
             _check_granularity(self.prune.granularity, allocation, self.model, self.prune.channel_scores)
         _check_augment(self.augment, self.dataset)
         return self
@@ -228,13 +231,6 @@ def _numeric_budgets(loss: dict[str, Any]) -> dict[str, Any]:
     if isinstance(loss.get("eps"), str):
         loss["eps"] = parse_eps(loss["eps"])
     return loss
-
-
-def _check_allocation(allocation: str) -> None:
-    from .masking import ALLOCATIONS
-
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
 
 
 @functools.lru_cache(maxsize=None)

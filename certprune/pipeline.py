@@ -229,7 +229,7 @@ def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Da
         loaded = data_on(data or load_data(config), device)
         torch.manual_seed(config.seed)
         architecture = {"name": config.model, "kwargs": loaded.shape()}
-        model = initialise(build_model(architecture), config.init).to(device)
+        model = initialise(build_model(architecture), config.weight_init).to(device)
         return model, architecture, loaded, [("pretrain", config.pretrain)], {"method": "dense", "k": 1.0}
 
     return _run(Path(run_dir), config, {"command": "pretrain"}, resume, build)

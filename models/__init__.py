@@ -12,7 +12,7 @@ from typing import Callable
 from torch import nn
 
 from .cnn import cnn_7layer, cnn_large, cnn_small
-from .init import INITS, ibp_init, initialise
+from .init import WEIGHT_INITS, ibp_init, initialise
 from .layers import Normalize
 from .resnet import cohen_resnet110, resnet18
 from .vgg import vgg16_bn
@@ -43,4 +43,4 @@ def create_model(name: str, in_channels: int = 1, image_size: int = 28, num_clas
     return MODELS[name](in_channels=in_channels, image_size=image_size, num_classes=num_classes, mean=mean, std=std)
 
 
-__all__ = ["INITS", "MODELS", "VERIFIABLE", "Normalize", "create_model", "ibp_init", "initialise", "register"]
+__all__ = ["MODELS", "VERIFIABLE", "WEIGHT_INITS", "Normalize", "create_model", "ibp_init", "initialise", "register"]

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-INITS = ("default", "ibp")
+WEIGHT_INITS = ("default", "ibp")
 
 
 def ibp_init(model: nn.Module) -> nn.Module:
@@ -14,8 +14,9 @@ def ibp_init(model: nn.Module) -> nn.Module:
     ``N(0, 2 pi / fan_in^2)``; biases keep torch's. Why: an interval of width ``d`` per input leaves a layer with
     expected width ``fan_in * E|w| * d = fan_in * std * sqrt(2 / pi) * d = 2 d``, and the ReLU after it halves that
     when about half the units are active, so IBP bounds keep their size through the network at the start of training.
-    Kaiming's ``std = sqrt(2 / fan_in)`` instead multiplies the width by about ``sqrt(fan_in)`` per layer, so IBP
-    training starts from exploded bounds. Returns ``model``, initialised in place."""
+    Torch's default, ``U(-1 / sqrt(fan_in), 1 / sqrt(fan_in))``, multiplies the width by about ``sqrt(fan_in) / 4`` per
+    layer and ReLU instead, so IBP training would start from exploded bounds. Plain feed-forward networks only: Shi et
+    al. also halve the weights after a residual addition, which this does not do. Returns ``model``, changed in place."""
     layers = [module for module in model.modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         for layer in layers[:-1]:
@@ -24,8 +25,8 @@ def ibp_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def initialise(model: nn.Module, init: str) -> nn.Module:
-    """``model`` under the named initialisation (:data:`INITS`; ``default`` leaves torch's)."""
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
-    return ibp_init(model) if init == "ibp" else model
+def initialise(model: nn.Module, weight_init: str) -> nn.Module:
+    """``model`` under the named initialisation (:data:`WEIGHT_INITS`; ``default`` leaves torch's)."""
+    if weight_init not in WEIGHT_INITS:
+        raise ValueError(f"unknown weight_init {weight_init!r}; choose from {', '.join(WEIGHT_INITS)}")
+    return ibp_init(model) if weight_init == "ibp" else model

@@ -62,13 +62,17 @@ def test_the_last_layer_and_every_bias_keep_torchs_initialisation():
 
 
 def test_pretrain_starts_from_the_configured_init(tmp_path):
-    pipeline.pretrain(tiny_config(init="ibp", pretrain={"epochs": 0}, verify=None), tmp_path / "dense")
-    fc1 = torch.load(tmp_path / "dense" / "model.pt", weights_only=True)["state_dict"]["6.weight"]  # 100 x 1568
+    pipeline.pretrain(tiny_config(weight_init="ibp", pretrain={"epochs": 0}, verify=None), tmp_path / "dense")
+    state = torch.load(tmp_path / "dense" / "model.pt", weights_only=True)["state_dict"]
+    conv2, fc1 = state["3.weight"], state["6.weight"]  # 32 x 16 x 4 x 4 (fan-in 256) and 100 x 1568
+    assert conv2.std().item() == pytest.approx(math.sqrt(2 * math.pi) / 256, rel=0.05)  # torch's: 3.7x larger
     assert fc1.std().item() == pytest.approx(math.sqrt(2 * math.pi) / 1568, rel=0.05)  # torch's: 9x larger
 
 
-def test_an_unknown_init_is_refused_when_the_config_is_read_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="unknown init 'xavier'; choose from default, ibp"):
-        tiny_config(init="xavier")
-    assert_one_line_error(run("pretrain", "--set", "init=xavier", "--out", tmp_path / "dense"), "unknown init")
+def test_an_unknown_or_unfit_weight_init_is_refused_when_the_config_is_read_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="weight_init: 'xavier'; model cnn-small takes default, ibp"):
+        tiny_config(weight_init="xavier")
+    with pytest.raises(ConfigError, match="'ibp'; model resnet-18 takes default$"):  # no residual halving here
+        tiny_config(weight_init="ibp", model="resnet-18")
+    assert_one_line_error(run("pretrain", "--set", "weight_init=xavier", "--out", tmp_path / "dense"), "xavier")
     assert not (tmp_path / "dense").exists()
