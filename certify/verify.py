@@ -92,10 +92,11 @@ def verify_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         for start in range(0, len(x), batch_size):
             part = slice(start, start + batch_size)
             correct[part] = (model(x[part]).argmax(1) == y[part]).cpu()
-    shared = Cascade(model, *input_box(x, eps), y)
+    box = input_box(x, eps)
+    shared = Cascade(model, *box, y) if cascade else None
     by_method = {}
     for method in methods:
-        state = shared if cascade else Cascade(model, *input_box(x, eps), y)
+        state = shared or Cascade(model, *box, y)
         todo = state.open(correct)
         if len(todo):
             state.bound(method, todo, batch_size)

@@ -272,7 +272,7 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
             phases = [("finetune", config.finetune.model_copy(update={"epochs": total}))]
         facts = {"method": method, "k": k, "source": str(source), "allocation": config.prune.allocation,
                  "granularity": config.prune.granularity}
-        if config.prune.granularity == "channel":
+        if config.prune.granularity == "channel" and method == "hydra":  # LWM ranks filter L1 norms either way
             facts["channel_scores"] = config.prune.channel_scores
         return model, architecture, loaded, phases, facts
 

@@ -88,18 +88,17 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     columns = [c for c in dict.fromkeys(columns) if c in ("run", "clean_acc") or any(figure(r, c)[1] is not None
                                                                                    for r in rows)]
     loss = {key: value for key, value in config.loss.items() if key in ("name", "eps", "sigma", "beta")}
+    seeds = sorted({row.get("seed") for row in rows})
     lines = [f"# certprune sweep: {config.model} on {config.dataset}", "",
              f"Loss {loss}; epochs pretrain {config.pretrain.epochs}, prune {config.prune.epochs}, finetune "
-             f"{config.finetune.epochs} (LWM: prune + finetune of fine-tuning); allocation "
-             f"{', '.join(config.allocations or [config.prune.allocation])};"
-             f" {_seeds_phrase(sorted({row.get('seed') for row in rows}))}.", "",
+             f"{config.finetune.epochs} (LWM: prune + finetune of fine-tuning); {_pruning_phrase(config, rows)}; "
+             f"{_seeds_phrase(seeds)}.", "",
              f"Accuracies and sparsity in %; `clean_acc` is on the images of `{metric}`'s evaluation; seconds are "
              "training plus evaluation per run. Each evaluation covers:", ""]
     for name in SECTIONS:
         made = next((record(r, name) for r in rows if record(r, name)), None)
         if made:
             lines.append(describe(config, name, made))
-    seeds = sorted({row.get("seed") for row in rows})
     if len(seeds) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
                   "(n = the number of seeds each row has):", ""] + _mean_table(rows, section, metric, columns)
@@ -196,6 +195,20 @@ def summary(rows: list[dict[str, Any]], section: str | None, metric: str) -> lis
                     "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values),
                     "values": values, "seeds": [r.get("seed") for r in members]})
     return out
+
+
+def _pruning_phrase(config, rows: list[dict[str, Any]]) -> str:
+    """How the runs were pruned, with every setting that differs from the default named (a weight-l1 channel sweep
+    and a channel one must not read alike), and what LWM's ``learned`` rows are: its rates never train, so ERK."""
+    allocations = config.allocations or [config.prune.allocation]
+    words = [f"allocation {', '.join(allocations)}"]
+    if "learned" in allocations and any(row.get("method") == "lwm" for row in rows):
+        words[0] += " (LWM under learned is ERK: LWM has no score phase, so its rates keep their ERK start)"
+    if config.prune.granularity != "weight":
+        words.append(f"granularity {config.prune.granularity}, HYDRA's channel scores {config.prune.channel_scores}")
+    if config.weight_init != "default":
+        words.append(f"dense weights initialised {config.weight_init}")
+    return "; ".join(words)
 
 
 def _seeds_phrase(seeds: list) -> str:

@@ -8,12 +8,9 @@ import yaml
 
 from certprune.models import create_model
 from certprune.runs import FORMAT
-from helpers import TINY
+from helpers import TINY, assert_one_line_error, record_of, run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-from helpers import assert_one_line_error, record_of, run
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_hydra_is_compared_with_lwm_paired_by_seed_under_its_allocation_and_agai
     text = (tmp_path / "results.md").read_text()
     # per seed: 0.80 - 0.70, 0.84 - 0.72 against the same allocation; 0.80 - 0.83, 0.84 - 0.81 against global LWM
     assert "| learned | 0.01 | +11.0 ± 1.4 | 2 | +0.0 ± 4.2 | global | 2 |" in text
-    assert "allocation learned, global;" in text
+    assert "allocation learned, global (LWM under learned is ERK" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {(row["method"], row["allocation"]): row["n"] for row in summary} == {
         ("hydra", "learned"): 2, ("lwm", "learned"): 2, ("lwm", "global"): 2}
@@ -123,3 +123,15 @@ def test_the_header_names_the_seeds_the_runs_were_trained_with_not_the_configs_s
     assert header.endswith("seeds 0, 1.") and "seed 0." not in header
     write_report(ROWS[:2], tmp_path, CONFIG)
     assert (tmp_path / "results.md").read_text().split("\n\n")[1].endswith("; seed 0.")
+
+
+def test_the_header_names_each_pruning_setting_that_differs_and_what_lwm_under_learned_is(tmp_path):
+    config = CONFIG.model_copy(update={"allocations": ["learned"], "weight_init": "ibp"})
+    write_report(ROWS, tmp_path, config)
+    header = (tmp_path / "results.md").read_text().split("\n\n")[1]
+    assert "allocation learned (LWM under learned is ERK" in header and "dense weights initialised ibp" in header
+    channel = CONFIG.model_copy(update={"prune": CONFIG.prune.model_copy(update={
+        "granularity": "channel", "channel_scores": "weight-l1"})})
+    write_report(ROWS, tmp_path, channel)
+    header = (tmp_path / "results.md").read_text().split("\n\n")[1]
+    assert "granularity channel, HYDRA's channel scores weight-l1" in header and "ERK" not in header
