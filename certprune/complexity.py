@@ -7,6 +7,7 @@ weight-pruned run costs its dense network's FLOPs, and ``nonzero_params`` says h
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +44,39 @@ def complexity(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
                 "nonzero_params": sum(int(torch.count_nonzero(p)) for p in params), "flops": 2 * sum(macs)}
 
 
+LATENCY_BATCHES = (1, 256)
+LATENCY_REPEATS = 20
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> float:
+    """The fastest of :data:`LATENCY_REPEATS` forward passes (after three warm-up ones) of ``batch`` images on the
+    model's device with torch's threads as they are, in milliseconds: on shared cores the fastest pass is the model's
+    cost, the median carries other jobs' scheduling delays."""
+    device = next(model.parameters()).device
+    x, times = torch.zeros(batch, *input_shape, device=device), []
+    with torch.no_grad():
+        for repeat in range(LATENCY_REPEATS + 3):
+            started = time.perf_counter()
+            model.eval()(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if repeat >= 3:
+                times.append(time.perf_counter() - started)
+    return 1e3 * min(times)
+
+
 def input_shape(architecture: dict[str, Any]) -> tuple[int, int, int]:
     kwargs = architecture["kwargs"]
     return kwargs.get("in_channels", 1), kwargs.get("image_size", 28), kwargs.get("image_size", 28)
 
 
-def run_complexity(run_dir: str | Path) -> dict[str, int]:
-    """:func:`complexity` of a finished run's model; a channel-pruned run is compacted first (in memory)."""
+def run_complexity(run_dir: str | Path) -> dict[str, Any]:
+    """:func:`complexity` and :func:`latency_ms` at each of :data:`LATENCY_BATCHES` (``latency_b1_ms``, ...) of a
+    finished run's model, on this machine now; a channel-pruned run is compacted first (in memory)."""
     path = resolve_model_path(run_dir)
     model, architecture = load_model_file(path)
     if read_metrics(path.parent).get("granularity") == "channel":
         model, _ = masking.compacted(model)
-    return complexity(model, input_shape(architecture))
+    shape = input_shape(architecture)
+    return {**complexity(model, shape), "torch_threads": torch.get_num_threads(), "latency_repeats": LATENCY_REPEATS,
+            **{f"latency_b{batch}_ms": latency_ms(model, shape, batch) for batch in LATENCY_BATCHES}}

@@ -83,7 +83,7 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     section = next((figure(r, metric)[0] for r in rows if figure(r, metric)[0]), None)
     ladder = [name for name in LADDER if name != metric]  # verified, exact and attacked accuracy side by side
     columns = ["run", "method", "k", "sparsity", "clean_acc", metric, *ladder, *config.report_columns, "params",
-               "mflops", "seconds"]
+               "mflops", "latency_b1_ms", "latency_b256_ms", "seconds"]
     rows = [{**row, "mflops": row["flops"] / 1e6} if "flops" in row else row for row in rows]
     columns = [c for c in dict.fromkeys(columns) if c in ("run", "clean_acc") or any(figure(r, c)[1] is not None
                                                                                    for r in rows)]
@@ -99,6 +99,11 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
         made = next((record(r, name) for r in rows if record(r, name)), None)
         if made:
             lines.append(describe(config, name, made))
+    timed = next((row for row in rows if "latency_b1_ms" in row), None)
+    if timed:
+        lines.append(f"- `params`, `mflops` (one image), `latency_b1_ms`, `latency_b256_ms`: each run's network as it "
+                     f"runs (a channel-pruned run compacted), latency the fastest of {timed['latency_repeats']} forward passes "
+                     f"when this report was written, on this machine with {timed['torch_threads']} torch thread(s).")
     if len(seeds) > 1:
         lines += ["", f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
                   "(n = the number of seeds each row has):", ""] + _mean_table(rows, section, metric, columns)

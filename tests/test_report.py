@@ -107,6 +107,10 @@ def test_a_channel_sweep_shows_parameters_and_flops_of_the_compact_networks(tmp_
     cells = next(line for line in text.splitlines() if line.startswith("| lwm-k0.5")).split(" | ")
     assert cells[header.index("params")] == str(pruned["params"])
     assert float(cells[header.index("mflops")]) == pytest.approx(pruned["flops"] / 1e6, rel=1e-3)
+    for batch in (1, 256):  # measured, so only its presence and sign are specified
+        measured = pruned[f"latency_b{batch}_ms"]
+        assert measured > 0 and float(cells[header.index(f"latency_b{batch}_ms")]) == pytest.approx(measured, abs=0.01)
+    assert "latency the fastest of 20 forward passes" in text
     assert (tmp_path / "flops.png").exists()
 
 
