@@ -29,6 +29,11 @@ def is_fraction(metric: str) -> bool:
             or metric.endswith(("_rate", "_fraction")))
 
 
+def _allocation_label(method: str, allocation: str) -> str:
+    """LWM has no score phase, so its learned rates never leave their ERK start: say so in the legend."""
+    return "learned = ERK" if method == "lwm" and allocation == "learned" else allocation
+
+
 def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label: str | None = None,
                      title: str | None = None) -> Path:
     """``rows`` are runs' metrics (method, sparsity and ``metric``); dense is drawn as a horizontal reference."""
@@ -53,7 +58,8 @@ def plot_vs_sparsity(rows: list[dict[str, Any]], metric: str, path: Path, label:
             axis.errorbar([100 * s for s, _ in points], [statistics.mean(v) for _, v in points],
                           yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points], fmt="o",
                           linestyle=style, capsize=3, color=COLORS[method],
-                          label=method.upper() + (f" ({allocation})" if len(allocations) > 1 else ""))
+                          label=method.upper() + (f" ({_allocation_label(method, allocation)})"
+                                                  if len(allocations) > 1 else ""))
     dense = [scale * row[metric] for row in rows if row.get("method") == "dense" and row.get(metric) is not None]
     if dense:
         axis.axhline(statistics.mean(dense), color=COLORS["dense"], linestyle="--",
