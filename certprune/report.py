@@ -221,6 +221,11 @@ def _seeds_phrase(seeds: list) -> str:
     return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
 
 
+def _number(value: float) -> str:
+    """A count or a cost: whole above 100 (parameters, seconds), else three significant digits (0.0231 MFLOPs)."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, columns: list[str]) -> list[str]:
     groups = _groups(rows)
     shown = ["method", "allocation", "k", "n"] + [c for c in columns if c not in ("run", "method", "k")]
@@ -229,13 +234,13 @@ def _mean_table(rows: list[dict[str, Any]], section: str | None, metric: str, co
         cells = [str(method), allocation or "", f"{k:g}", str(len(members))]
         for column in shown[4:]:
             values = [v for v in (_value(r, column, section) for r in members) if isinstance(v, (int, float))]
-            scale = 100 if _percent(column) else 1
+            show = (lambda v: f"{100 * v:.1f}") if _percent(column) else _number
             if not values:
                 cells.append("")
             elif len(values) == 1:
-                cells.append(f"{scale * values[0]:.1f}")
+                cells.append(show(values[0]))
             else:
-                cells.append(f"{scale * statistics.mean(values):.1f} ± {scale * statistics.stdev(values):.1f}")
+                cells.append(f"{show(statistics.mean(values))} ± {show(statistics.stdev(values))}")
             if values and len(values) < len(members):  # e.g. robust_acc_exact exists only where every image was decided
                 cells[-1] += f" (n = {len(values)})"
         lines.append("| " + " | ".join(cells) + " |")
