@@ -27,9 +27,9 @@ from .data import Dataset, load_dataset
 from .devices import deterministic, model_device, resolve_device
 from .losses import make_loss
 from .models import initialise
-from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, build_model, differences, is_finished, load_model_file,
-                   load_state, locked, read_config, read_metrics, resolve_model_path, safe_load, save_checkpoint,
-                   save_model, write_config, write_metrics)
+from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, build_model, code_version, differences, is_finished,
+                   load_model_file, load_state, locked, read_config, read_metrics, resolve_model_path, safe_load,
+                   save_checkpoint, save_model, write_config, write_metrics)
 from .train import fit
 
 PRUNE_METHODS = ("hydra", "lwm")
@@ -197,7 +197,7 @@ def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[
     seconds = facts.pop("train_seconds", 0.0)
     metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset,
                "model": architecture["name"], "loss": config.loss_name, "seed": config.seed, "seconds": seconds,
-               "torch_threads": torch.get_num_threads()}  # figures are reproducible at the same thread count
+               "torch_threads": torch.get_num_threads(), "code": code_version()}  # reproducible at the same of both
     if distributed.is_main():
         save_model(model, run_dir / MODEL_FILE, architecture)
         write_metrics(run_dir, metrics)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -109,6 +110,22 @@ def _finite(value: Any, path: str = "") -> None:
     if isinstance(value, dict):
         for key, inner in value.items():
             _finite(inner, f"{path}.{key}" if path else str(key))
+
+
+def code_version() -> dict[str, Any]:
+    """What computed a run: torch's version and the certprune source's git commit (``+dirty`` with uncommitted
+    changes; None outside a git checkout). A sweep reuses finished runs by their settings, and code that reorders
+    arithmetic changes the weights bit for bit, so the record says which code it was."""
+    import torch
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(Path(__file__).parent), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"torch": torch.__version__, "commit": commit}
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

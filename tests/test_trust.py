@@ -1,6 +1,8 @@
 """Runs you can trust: the bare headline command learns, a resumed run is the same run, a sweep never reuses
 another setting's run, and a diverging loss stops at once with the last good checkpoint kept."""
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,7 +168,12 @@ def test_the_same_prune_twice_gives_the_same_model_and_figures(dense, tmp_path):
                 made.pop(timing)
     assert figures[0] == figures[1]
     assert torch.are_deterministic_algorithms_enabled()  # what the runs asked torch for
-    assert figures[0]["torch_threads"] == torch.get_num_threads()  # and the one setting that still moves figures
+    assert figures[0]["torch_threads"] == torch.get_num_threads()  # and the settings that still move figures:
+    assert figures[0]["code"]["torch"] == torch.__version__  # the torch and the certprune code that computed them
+    checkout = subprocess.run(["git", "-C", str(Path(pipeline.__file__).parent), "rev-parse", "HEAD"],
+                              capture_output=True, text=True)
+    if checkout.returncode == 0:  # a git checkout (CI's clean clone is one): its commit, marked if edited
+        assert figures[0]["code"]["commit"].split("+")[0] == checkout.stdout.strip()
 
 
 @pytest.mark.parametrize("seeds, fragment", [("[]", "seeds: List should have at least 1 item"),
