@@ -54,10 +54,11 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> fl
     cost, the median carries other jobs' scheduling delays."""
     device = next(model.parameters()).device
     x, times = torch.zeros(batch, *input_shape, device=device), []
+    model.eval()
     with torch.no_grad():
         for repeat in range(LATENCY_REPEATS + 3):
             started = time.perf_counter()
-            model.eval()(x)
+            model(x)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if repeat >= 3:
