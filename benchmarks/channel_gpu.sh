@@ -12,7 +12,7 @@ out=${1:?output folder}; limit=${2:-480}; shift 2 || true; extra=("$@")
 if [ -d .whl ] && ! python3 -c "import pydantic, certprune.models" 2>/dev/null; then  # a bare GPU machine: its own site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   mkdir -p /tmp/site && cp -r certprune /tmp/site/ && cp -r models certify /tmp/site/certprune/  # installed layout
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1  # the installed layout, not ./certprune, for python -m
 fi
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
