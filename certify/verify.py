@@ -148,6 +148,7 @@ def figures_of(rows: list[dict], methods: list[str]) -> dict[str, float]:
     figures = {"clean_acc": frac(correct), "verified_acc": frac(lambda row: bool(row["verified_by"])),
                "falsified_acc": frac(lambda row: row["falsified"]), "unknown_acc": frac(unknown)}
     figures["decided_fraction"] = 1.0 - figures["unknown_acc"]
+    figures["predicted_classes"] = len({row["prediction"] for row in rows})  # 1: a constant output, training collapsed
     figures["falsified_by_attack_acc"] = frac(lambda row: row["falsified_by"] == "PGD")
     for position, method in enumerate(methods):
         kind = "acc" if position == 0 else "extra"

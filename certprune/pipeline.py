@@ -157,6 +157,11 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
             scheduler=scheduler, generator=generator, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
             desc=f"{run_dir.name}: {phase}", augment=augment)
         completed.append(tag)
+        accuracy = history[-1].get("acc", 1.0) if history else 1.0
+        if accuracy <= 1.5 / data.num_classes:  # the epoch's mean training accuracy: a collapse, said while it's fresh
+            log.warning("%s: %s ended at %.1f %% training accuracy, chance for %d classes (a constant output); try "
+                        "weight_init: ibp, a lower lr or a longer eps ramp", run_dir, phase, 100 * accuracy,
+                        data.num_classes)
     return {"train_seconds": seconds + time.perf_counter() - started}
 
 

@@ -116,6 +116,10 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(column, _value(row, column, section)) for column in columns) + " |")
+    constant = [row["run"] for row in rows if _value(row, "predicted_classes", section) == 1]
+    if constant:
+        lines += ["", f"Constant output: {', '.join(constant)} predict(s) one class for every evaluated image "
+                  "(training collapsed to chance); the means above include them."]
     ladder_rows = with_ladder(rows)
     if len(ladder_metrics(ladder_rows)) > 1:
         attacked = any(m in ("pgd_acc", "autoattack_acc") for m in ladder_metrics(ladder_rows))
@@ -131,7 +135,8 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     title = f"{config.model}, {config.dataset}: {metric}{covered}" + (f", {len(seeds)} seeds" if len(seeds) > 1 else "")
     plot_vs_sparsity(plot_rows, metric, out / "sparsity.png", title=title)
     if any("flops" in row for row in rows):
-        plot_vs_cost(plot_rows, metric, out / "flops.png", title=f"{config.model}, {config.dataset}: {metric}{covered}")
+        plot_vs_cost(plot_rows, metric, out / "flops.png", title=f"{config.model}, {config.dataset}: {metric}{covered}"
+                     + (f", {len(seeds)} seeds (one point each)" if len(seeds) > 1 else ""))
     if len(ladder_metrics(ladder_rows)) > 1:
         plot_ladder(ladder_rows, out / "robustness.png", title=f"{config.model}, {config.dataset}: verified, exact "
                     "and attacked accuracy" + (f" (means over {len(seeds)} seeds)" if len(seeds) > 1 else ""))

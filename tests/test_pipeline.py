@@ -143,3 +143,16 @@ def test_checkpoints_are_loaded_with_weights_only(dense_run, monkeypatch):
     monkeypatch.setattr(torch, "load", spy)
     load_run(dense_run)
     assert calls == [True]
+
+
+def test_a_phase_that_ends_at_chance_says_so_and_one_that_learns_does_not(tmp_path, caplog):
+    """A collapsed phase (here Adam at lr 1 kills every ReLU: one class for every image) is named in a warning when
+    it ends, not found later in a table of 10 % figures."""
+    with caplog.at_level("WARNING", logger="certprune"):
+        pipeline.pretrain(tiny_config(pretrain={"epochs": 2, "lr": 1.0}), tmp_path / "collapsed")
+    assert "pretrain ended at" in caplog.text and "chance for 10 classes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="certprune"):
+        natural = {"name": "ibp", "eps": 0.05, "kappa_end": 1.0}  # 39 % after 3 epochs
+        pipeline.pretrain(tiny_config(pretrain={"epochs": 3, "lr": 0.003}, loss=natural), tmp_path / "learned")
+    assert "chance" not in caplog.text

@@ -139,3 +139,17 @@ def test_the_header_names_each_pruning_setting_that_differs_and_what_lwm_under_l
     write_report(ROWS, tmp_path, channel)
     header = (tmp_path / "results.md").read_text().split("\n\n")[1]
     assert "granularity channel, HYDRA's channel scores weight-l1" in header and "ERK" not in header
+
+
+def test_runs_that_predict_one_class_for_every_image_are_named_under_the_table(tmp_path):
+    collapsed = run_metrics("lwm", 0.1, 1, 0.10, 0.10, 0.10, 0.10)
+    collapsed["evaluations"][configured_keys(CONFIG)["verify"]]["predicted_classes"] = 1
+    healthy = [{**row, "evaluations": {**row["evaluations"]}} for row in ROWS]
+    for row in healthy:
+        row["evaluations"][configured_keys(CONFIG)["verify"]] = {
+            **row["evaluations"][configured_keys(CONFIG)["verify"]], "predicted_classes": 10}
+    write_report([*healthy, {**collapsed, "run": "lwm-k0.1-s1"}], tmp_path, CONFIG)
+    text = (tmp_path / "results.md").read_text()
+    assert "Constant output: lwm-k0.1-s1 predict(s) one class for every evaluated image" in text
+    write_report(healthy, tmp_path, CONFIG)
+    assert "Constant output" not in (tmp_path / "results.md").read_text()

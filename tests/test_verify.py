@@ -118,3 +118,18 @@ def test_without_the_cascade_each_method_proves_exactly_the_images_its_own_bound
             own = proxy.margin_lower_bounds(x, y, 0.004, method).min(1).values > 0
         assert torch.equal(proven[method], own.cpu() & correct), method
     assert proven["IBP"].any() and (proven["CROWN"] & proven["IBP"]).any()  # CROWN re-proves IBP's images too
+
+
+def test_the_figures_count_the_classes_predicted_so_a_collapsed_model_shows(trained):
+    """A network trained to a constant output is at chance and, at eps 0, trivially "verified" on one class: the
+    count of distinct predictions is what tells it apart from a weak model."""
+    import copy
+
+    model, x, y = trained
+    assert evaluate(model, x, y, settings(["ibp"]))["predicted_classes"] == len(set(y.tolist()))
+    constant = copy.deepcopy(model)
+    last = [m for m in constant.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.zero_(), last.bias.zero_(), last.bias[3].fill_(1.0)
+    figures = evaluate(constant, x, y, settings(["ibp"]))
+    assert figures["predicted_classes"] == 1 and figures["clean_acc"] == pytest.approx(float((y == 3).float().mean()))
