@@ -261,6 +261,9 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
         trained = read_config(resolve_model_path(source).parent)
         if trained is not None and (trained.dataset, trained.data_dir) != (config.dataset, config.data_dir):
             raise RunError(f"{source} was trained on {trained.dataset}, but the config prunes on {config.dataset}")
+        if trained is not None and trained.weight_init != config.weight_init:  # the pruned run records the config's
+            raise RunError(f"{source} was pretrained with weight_init {trained.weight_init}, but the config says "
+                           f"{config.weight_init}; set weight_init: {trained.weight_init}")
         loaded = data_on(data or load_data(config), device)
         if architecture["kwargs"] != loaded.shape():
             raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, "

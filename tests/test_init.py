@@ -76,3 +76,11 @@ def test_an_unknown_or_unfit_weight_init_is_refused_when_the_config_is_read_in_o
         tiny_config(weight_init="ibp", model="resnet-18")
     assert_one_line_error(run("pretrain", "--set", "weight_init=xavier", "--out", tmp_path / "dense"), "xavier")
     assert not (tmp_path / "dense").exists()
+
+
+def test_pruning_a_dense_run_under_another_weight_init_is_refused_so_the_record_cannot_name_the_wrong_one(tmp_path):
+    pipeline.pretrain(tiny_config(pretrain={"epochs": 0}, verify=None), tmp_path / "dense")  # torch's default init
+    result = run("prune", "--set", "weight_init=ibp", "--set", "train_examples=64", "--set", "model=cnn-small",
+                 "--from", tmp_path / "dense", "--k", "0.5", "--out", tmp_path / "pruned")
+    assert_one_line_error(result, "pretrained with weight_init default, but the config says ibp; set weight_init: default")
+    assert not (tmp_path / "pruned" / "model.pt").exists()
