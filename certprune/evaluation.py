@@ -138,7 +138,8 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
             figures = EVALUATORS[section].evaluate(model.eval(), x, y, job)
             figures.pop("clean_acc", None)  # the driver's, once per image set
             record = {"images": describe_images(indices, len(x_all), settings.skip),
-                      "settings": settings.model_dump(mode="json"),
+                      "settings": {**settings.model_dump(mode="json"),  # the seed used, not None for "the run's"
+                                   **({"seed": fields["seed"]} if "seed" in type(settings).model_fields else {})},
                       "clean_acc": clean[(settings.skip, settings.max)],
                       **{name: value for name, value in figures.items() if not name.startswith("_")},
                       "seconds": time.perf_counter() - started}

@@ -140,6 +140,7 @@ def test_pipeline_trains_prunes_and_attacks_under_pgd(tmp_path):
     assert dense["pgd_acc"] <= dense["clean_acc"] and dense["pgd_acc"] > 0.9
     assert dense["attack"]["eps"] == 0.1 and dense["attack"]["restarts"] == 2
     assert dense["images"]["count"] == len(data.test_x) and dense["settings"]["eps"] == 0.1
+    assert dense["settings"]["seed"] == config.seed == 0  # the attack has no seed of its own: the run's is recorded
     pruned = prune(config, tmp_path / "hydra", 0.1, "hydra", tmp_path / "dense", data=data)
     attacked = evaluate_configured(tmp_path / "hydra", config, data=data)["attack"]
     assert configured_record(read_metrics(tmp_path / "hydra"), config, "attack") == attacked
