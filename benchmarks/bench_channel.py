@@ -26,7 +26,7 @@ import time
 import torch
 
 from certprune import masking
-from certprune.complexity import complexity
+from certprune.complexity import complexity, forward_seconds
 from certprune.data import load_dataset
 from certprune.lirpa import BoundedProxy
 from certprune.models import create_model
@@ -37,13 +37,7 @@ def latency(model, x, repeats: int) -> dict[str, float]:
     """Median and fastest seconds of one forward pass (after five warm-up passes: TorchScript's profiling executor
     specialises a frozen graph on the first calls of each shape): on shared, loaded cores the median of a
     millisecond pass carries scheduling delays, the fastest is the pass itself."""
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 5):
-            started = time.perf_counter()
-            model(x)
-            if i >= 5:
-                times.append(time.perf_counter() - started)
+    times = forward_seconds(model, x, repeats, warmup=5)
     return {"median": statistics.median(times), "min": min(times)}
 
 

@@ -48,22 +48,28 @@ LATENCY_BATCHES = (1, 256)
 LATENCY_REPEATS = 20
 
 
-def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> float:
-    """The fastest of :data:`LATENCY_REPEATS` forward passes (after three warm-up ones) of ``batch`` images on the
-    model's device with torch's threads as they are, in milliseconds: on shared cores the fastest pass is the model's
-    cost, the median carries other jobs' scheduling delays."""
-    device = next(model.parameters()).device
-    x, times = torch.zeros(batch, *input_shape, device=device), []
-    model.eval()
+def forward_seconds(model, x: torch.Tensor, repeats: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``repeats`` forward passes of ``x`` after ``warmup`` untimed ones (a GPU is synchronised
+    after each). ``model`` is any callable: an ``nn.Module`` or a frozen TorchScript graph."""
+    times = []
     with torch.no_grad():
-        for repeat in range(LATENCY_REPEATS + 3):
+        for repeat in range(repeats + warmup):
             started = time.perf_counter()
             model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if repeat >= 3:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            if repeat >= warmup:
                 times.append(time.perf_counter() - started)
-    return 1e3 * min(times)
+    return times
+
+
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int) -> float:
+    """The fastest of :data:`LATENCY_REPEATS` forward passes of ``batch`` images on the model's device with torch's
+    threads as they are, in milliseconds: on shared cores the fastest pass is the model's cost, the median carries
+    other jobs' scheduling delays."""
+    device = next(model.parameters()).device
+    model.eval()
+    return 1e3 * min(forward_seconds(model, torch.zeros(batch, *input_shape, device=device), LATENCY_REPEATS))
 
 
 def input_shape(architecture: dict[str, Any]) -> tuple[int, int, int]:
