@@ -6,7 +6,8 @@ from torch import nn
 from certprune.cli import main
 from certprune.config import load_config
 from certprune.data import load_dataset
-from certprune.models import Normalize
+from certprune import runs
+from certprune.models import Normalize, create_model
 
 TINY = {
     "model": "cnn-small",
@@ -87,3 +88,36 @@ def trained_7x7():
         loss.backward()
         optimizer.step()
     return model.eval(), shrink(data.test_x[:30]), data.test_y[:30]
+
+
+def bn_net():
+    """A VGG-like net with batch norm (random statistics) before and after a max-pool, then Flatten into a Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.5], [0.5]), nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 10))
+    for module in model.modules():
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            module.running_mean.uniform_(-0.5, 0.5), module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5), module.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def channel_rows(layer):
+    """Per output channel: is every weight of it, and its bias, exactly 0?"""
+    zero = (layer.weight.detach().flatten(1) == 0).all(1)
+    return zero & (layer.bias.detach() == 0) if layer.bias is not None else zero
+
+
+def dense_run(run_dir):
+    """A finished 'dense' run of a random cnn-small with a tiny config (nothing trained)."""
+    config = load_config(None, [{"model": "cnn-small", "train_examples": 64, "batch_size": 32, "verify": None,
+                                 "loss": {"name": "natural"}, "prune": {"epochs": 1, "granularity": "channel"},
+                                 "finetune": {"epochs": 1, "lr": 0.05}}])
+    model = create_model("cnn-small")
+    runs.save_model(model, run_dir / "model.pt", {"name": "cnn-small", "kwargs": {"in_channels": 1, "image_size": 28,
+                                                                                 "num_classes": 10}})
+    runs.write_config(run_dir, config.model_copy(update={"prune": config.prune.model_copy(
+        update={"granularity": "weight"})}))
+    runs.write_metrics(run_dir, {"method": "dense", "k": 1.0})
+    return config
