@@ -68,7 +68,7 @@ def reportable(config: Config) -> set[str]:
     names = {"sparsity", "seconds"}
     if config.verify is not None:
         stages = [verify.method_key(method) for method in config.verify.bound_methods]
-        names |= {"clean_acc", "verified_acc", "falsified_acc", "unknown_acc", "decided_fraction",
+        names |= {"clean_acc", "verified_acc", "falsified_acc", "unknown_acc", "decided_fraction", "predicted_classes",
                   "robust_acc_exact", "falsified_by_attack_acc", "seconds_per_image",
                   *(f"verified_{kind}_{stage}" for kind in ("acc", "extra") for stage in stages)}
     if config.smoothing is not None:

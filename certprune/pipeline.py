@@ -35,6 +35,8 @@ from .train import fit
 PRUNE_METHODS = ("hydra", "lwm")
 IDENTITY_FILE = "run.json"
 log = logging.getLogger("certprune")
+RECOVERY = {True: "a natural epoch before the eps ramp (pretrain.loss.ramp_start: 1)",  # what helped cnn-large
+            False: "a natural-to-robust ramp in this phase (loss: {ramp_start: 0, ramp_epochs: 2})"}
 
 
 def make_optimizer(params, phase: PhaseConfig) -> torch.optim.Optimizer:
@@ -159,9 +161,8 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
         completed.append(tag)
         accuracy = history[-1].get("acc", 1.0) if history else 1.0
         if accuracy <= 1.5 / data.num_classes:  # the epoch's mean training accuracy: a collapse, said while it's fresh
-            log.warning("%s: %s ended at %.1f %% training accuracy, chance for %d classes (a constant output); try "
-                        "weight_init: ibp, a lower lr or a longer eps ramp", run_dir, phase, 100 * accuracy,
-                        data.num_classes)
+            log.warning("%s: %s ended at %.1f %% training accuracy, near chance for %d classes; try %s, or a lower lr",
+                        run_dir, phase, 100 * accuracy, data.num_classes, RECOVERY[phase == "pretrain"])
     return {"train_seconds": seconds + time.perf_counter() - started}
 
 

@@ -67,14 +67,24 @@ def describe(config: Config, section: str, made: dict[str, Any]) -> str:
         what = f"bounds {' then '.join(settings.get('bound_methods', []))} at L-inf eps {settings.get('eps')}"
     elif section == "attack":
         what = (f"PGD-{settings.get('steps')} ({settings.get('norm')}, eps {settings.get('eps')}, step "
-                f"{settings.get('step_size') or 'auto'}, {settings.get('restarts')} restart(s), seed {settings.get('seed')})")
+                f"{settings.get('step_size') or 'auto'}, {settings.get('restarts')} restart(s), "
+                f"{_attack_seed(config, section, settings)})")
     elif section == "autoattack":
         what = (f"AutoAttack {settings.get('version')} ({settings.get('norm')}, eps {settings.get('eps')}, "
-                f"seed {settings.get('seed')})")
+                f"{_attack_seed(config, section, settings)})")
     else:
         what = (f"randomized smoothing, sigma {settings.get('sigma')}, n0 {settings.get('n0')}, n {settings.get('n')},"
                 f" alpha {settings.get('alpha')}, {settings.get('precision')}")
     return f"- `{section}`: {what}; {covered}."
+
+
+CONSTANT_MIN_IMAGES = 50  # one class for a handful of images can be chance; for 50 it is a collapse
+
+
+def _attack_seed(config: Config, section: str, settings: dict[str, Any]) -> str:
+    """An attack without a seed of its own uses each run's: one run's record must not speak for a sweep's seeds."""
+    configured = getattr(config, section, None)
+    return "each run's seed" if configured is not None and configured.seed is None else f"seed {settings.get('seed')}"
 
 
 def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
@@ -116,10 +126,12 @@ def write_report(rows: list[dict[str, Any]], out: Path, config: Config) -> None:
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(column, _value(row, column, section)) for column in columns) + " |")
-    constant = [row["run"] for row in rows if _value(row, "predicted_classes", section) == 1]
+    constant = [row["run"] for row in rows if _value(row, "predicted_classes", section) == 1
+                and record(row, section).get("images", {}).get("count", 0) >= CONSTANT_MIN_IMAGES]
     if constant:
-        lines += ["", f"Constant output: {', '.join(constant)} predict(s) one class for every evaluated image "
-                  "(training collapsed to chance); the means above include them."]
+        lines += ["", f"Constant output: {', '.join(constant)} predict(s) one class for every one of the evaluated "
+                  "images (training collapsed to chance; verified at any eps, as a constant function is)"
+                  + ("; the means above include them." if len(seeds) > 1 else ".")]
     ladder_rows = with_ladder(rows)
     if len(ladder_metrics(ladder_rows)) > 1:
         attacked = any(m in ("pgd_acc", "autoattack_acc") for m in ladder_metrics(ladder_rows))

@@ -3,10 +3,10 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from certprune import runs
 from certprune.cli import main
 from certprune.config import load_config
 from certprune.data import load_dataset
-from certprune import runs
 from certprune.models import Normalize, create_model
 
 TINY = {

@@ -150,7 +150,8 @@ def test_a_phase_that_ends_at_chance_says_so_and_one_that_learns_does_not(tmp_pa
     it ends, not found later in a table of 10 % figures."""
     with caplog.at_level("WARNING", logger="certprune"):
         pipeline.pretrain(tiny_config(pretrain={"epochs": 2, "lr": 1.0}), tmp_path / "collapsed")
-    assert "pretrain ended at" in caplog.text and "chance for 10 classes" in caplog.text
+    assert "pretrain ended at" in caplog.text and "near chance for 10 classes" in caplog.text
+    assert "a natural epoch before the eps ramp" in caplog.text  # the pretraining advice, not the pruning one
     caplog.clear()
     with caplog.at_level("WARNING", logger="certprune"):
         natural = {"name": "ibp", "eps": 0.05, "kappa_end": 1.0}  # 39 % after 3 epochs

@@ -44,8 +44,14 @@ def test_results_show_verified_exact_pgd_and_autoattack_side_by_side(tmp_path):
     assert "| lwm-k0.1 | lwm | 0.1 | 90.0 | 90.0 | 60.0 | 61.0 | 66.0 | 70.0 |" in text
     assert "| hydra | layerwise | 0.1 | 2 | 90.0 ± 0.0 | 90.0 ± 0.0 | 71.0 ± 1.4 |  | 76.0 ± 1.4 | 77.0 ± 1.4 |" in text
 
-    assert "- `attack`: PGD-5 (linf, eps 0.05, step auto, 1 restart(s), seed 0); 64 of 1500 test images." in text
-    assert "- `autoattack`: AutoAttack standard (linf, eps 0.05, seed 0); 64 of 1500 test images." in text
+    assert "- `attack`: PGD-5 (linf, eps 0.05, step auto, 1 restart(s), each run's seed); 64 of 1500 test images." in text
+    assert "- `autoattack`: AutoAttack standard (linf, eps 0.05, each run's seed); 64 of 1500 test images." in text
+    seeded = CONFIG.model_copy(update={"attack": CONFIG.attack.model_copy(update={"seed": 0})})
+    old_key, new_key = configured_keys(CONFIG)["attack"], configured_keys(seeded)["attack"]
+    rows = [{**row, "evaluations": {new_key if key == old_key else key: value
+                                    for key, value in row["evaluations"].items()}} for row in ROWS]
+    write_report(rows, tmp_path, seeded)  # an attack seeded on its own: every run's record names that seed
+    assert "1 restart(s), seed 0); 64 of 1500" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "robustness.png").stat().st_size > 10_000
 
 
@@ -150,6 +156,11 @@ def test_runs_that_predict_one_class_for_every_image_are_named_under_the_table(t
             **row["evaluations"][configured_keys(CONFIG)["verify"]], "predicted_classes": 10}
     write_report([*healthy, {**collapsed, "run": "lwm-k0.1-s1"}], tmp_path, CONFIG)
     text = (tmp_path / "results.md").read_text()
-    assert "Constant output: lwm-k0.1-s1 predict(s) one class for every evaluated image" in text
+    assert "Constant output: lwm-k0.1-s1 predict(s) one class for every one of the evaluated images" in text
+    assert text.count("Constant output") == 1 and "the means above include them" in text
+    few = collapsed["evaluations"][configured_keys(CONFIG)["verify"]]
+    few["images"] = {**few["images"], "count": 10}  # one class for 10 images may be chance, not a collapse
+    write_report([*healthy, {**collapsed, "run": "lwm-k0.1-s1"}], tmp_path, CONFIG)
+    assert "Constant output" not in (tmp_path / "results.md").read_text()
     write_report(healthy, tmp_path, CONFIG)
     assert "Constant output" not in (tmp_path / "results.md").read_text()

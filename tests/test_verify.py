@@ -1,4 +1,5 @@
 """Specification of verified accuracy (certprune.certify.verify)."""
+import copy
 import json
 import types
 
@@ -121,10 +122,8 @@ def test_without_the_cascade_each_method_proves_exactly_the_images_its_own_bound
 
 
 def test_the_figures_count_the_classes_predicted_so_a_collapsed_model_shows(trained):
-    """A network trained to a constant output is at chance and, at eps 0, trivially "verified" on one class: the
-    count of distinct predictions is what tells it apart from a weak model."""
-    import copy
-
+    """A network trained to a constant output is at chance and "verified" at any eps on the images of its one
+    class (a constant function is robust): the count of distinct predictions tells it apart from a weak model."""
     model, x, y = trained
     assert evaluate(model, x, y, settings(["ibp"]))["predicted_classes"] == len(set(y.tolist()))
     constant = copy.deepcopy(model)
