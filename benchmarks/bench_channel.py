@@ -2,8 +2,9 @@
 
 A channel-pruned model, compacted (:func:`certprune.masking.compacted`), is timed against its dense source in the
 same process: CPU inference latency (median and fastest over repeats) at batch 1 and batch 256, each of the model as it is
-(eager) and frozen for inference (TorchScript ``freeze`` + ``optimize_for_inference``, which fuses each conv with
-its ReLU: at batch 1 a pass of a few MFLOPs is mostly per-layer dispatch, which freezing removes), IBP and CROWN margin bounds of
+(eager), frozen for inference (TorchScript ``freeze`` + ``optimize_for_inference``, which fuses each conv with
+its ReLU) and eager on PyTorch's own conv kernels instead of oneDNN's (whose per-call set-up dominates a conv of a few
+channels at batch 1), and each model's fastest form, as a deployer would pick it; IBP and CROWN margin bounds of
 ``--images`` test images (every image bounded by both methods, not the cascade: its cost does not then depend on
 which images the model happens to verify), and optionally the complete MILP verifier on ``--milp`` images. It prints
 each ratio dense / compact and writes everything as JSON.
@@ -41,6 +42,7 @@ def latency(model, x, repeats: int) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times)}
 
 
+FORMS = ("", "frozen_", "native_")  # eager with oneDNN, frozen TorchScript, eager with PyTorch's own conv kernels
 FROZEN_TOLERANCE = 1e-4  # the frozen graph may differ from the eager model by float rounding only
 
 
@@ -113,10 +115,14 @@ def main():
     for name, model in (("dense", dense), ("compact", compact)):
         figures = complexity(model, tuple(x.shape[1:]))
         deployed, figures["frozen_max_logit_gap"] = frozen(model, x)
-        for form, runnable in (("", model), ("frozen_", deployed)):
-            for batch, repeats in ((1, 10 * args.repeats), (256, args.repeats)):
-                for kind, seconds in latency(runnable, data.test_x[:batch], repeats).items():
-                    figures[f"{form}latency_b{batch}_{kind}_s"] = seconds
+        for form, runnable, onednn in (("", model, True), ("frozen_", deployed, True), ("native_", model, False)):
+            with torch.backends.mkldnn.flags(enabled=onednn):  # native_: PyTorch's own conv kernels, not oneDNN's
+                for batch, repeats in ((1, 10 * args.repeats), (256, args.repeats)):
+                    for kind, seconds in latency(runnable, data.test_x[:batch], repeats).items():
+                        figures[f"{form}latency_b{batch}_{kind}_s"] = seconds
+        for batch in (1, 256):  # each model as its deployer would run it: its fastest form
+            figures[f"best_latency_b{batch}_min_s"] = min(figures[f"{form}latency_b{batch}_min_s"]
+                                                          for form in FORMS)
         for method in ("IBP", "CROWN"):
             figures[f"{method.lower()}_s"] = bound_seconds(model, x, y, args.eps, method, args.bound_batch)
         figures["ibp_crown_s"] = figures["ibp_s"] + figures["crown_s"]
@@ -124,8 +130,9 @@ def main():
             figures["milp"] = milp_seconds(model, x[:args.milp], y[:args.milp], args.eps, args.milp_timeout)
         result[name] = figures
         print(name, json.dumps(figures), flush=True)
-    keys = ["params", "flops"] + [f"{form}latency_b{b}_{kind}_s" for form in ("", "frozen_") for b in (1, 256)
-                                  for kind in ("median", "min")] + ["ibp_s", "crown_s", "ibp_crown_s"]
+    keys = ["params", "flops"] + [f"{form}latency_b{b}_{kind}_s" for form in FORMS for b in (1, 256)
+                                  for kind in ("median", "min")] + [f"best_latency_b{b}_min_s" for b in (1, 256)] + [
+        "ibp_s", "crown_s", "ibp_crown_s"]
     result["dense_over_compact"] = {key: result["dense"][key] / result["compact"][key] for key in keys}
     if args.milp:
         result["dense_over_compact"]["milp_s"] = (result["dense"]["milp"]["seconds_per_image"]
