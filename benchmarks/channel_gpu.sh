@@ -28,22 +28,23 @@ certprune() {  # every command ends by the deadline; one that gets no time says 
 sweep() { certprune sweep --config configs/channel.yaml "${extra[@]}" --out "$runs" "$@"; }
 verified() { grep -q '"verify' "$runs/$1/metrics.json" 2>/dev/null; }  # trained, and its verify record written
 started=$(date +%s)
+jobs=()  # a plain `wait` would also wait for the GPU monitor, which never ends
 for seed in "${seeds[@]}"; do
   certprune pretrain --config configs/channel.yaml "${extra[@]}" --set seed=$seed --out "$runs/dense-s$seed" \
-    > "$out/log-dense-s$seed.txt" 2>&1 &
+    > "$out/log-dense-s$seed.txt" 2>&1 & jobs+=($!)
 done
-wait
+wait "${jobs[@]}"
 echo "dense models: $(( $(date +%s) - started )) s"
 for seed in "${seeds[@]}"; do
   if ! verified "dense-s$seed"; then echo "dense-s$seed unfinished: its pruned runs are not started"; continue; fi
   for k in "${ks[@]}"; do
     for method in "${methods[@]}"; do
       sweep --set "seeds=[$seed]" --set "k=[$k]" --set "prune_methods=[$method]" \
-        > "$out/log-$method-k$k-s$seed.txt" 2>&1 &
+        > "$out/log-$method-k$k-s$seed.txt" 2>&1 & jobs+=($!)
     done
   done
 done
-wait
+wait "${jobs[@]}"
 echo "dense and pruned: $(( $(date +%s) - started )) s"
 missing=()
 for seed in "${seeds[@]}"; do
