@@ -28,23 +28,23 @@ certprune() {  # every command ends by the deadline; one that gets no time says 
 sweep() { certprune sweep --config configs/channel.yaml "${extra[@]}" --out "$runs" "$@"; }
 verified() { grep -q '"verify' "$runs/$1/metrics.json" 2>/dev/null; }  # trained, and its verify record written
 started=$(date +%s)
-jobs=()  # a plain `wait` would also wait for the GPU monitor, which never ends
+pids=()  # a plain `wait` would also wait for the GPU monitor, which never ends
 for seed in "${seeds[@]}"; do
   certprune pretrain --config configs/channel.yaml "${extra[@]}" --set seed=$seed --out "$runs/dense-s$seed" \
-    > "$out/log-dense-s$seed.txt" 2>&1 & jobs+=($!)
+    > "$out/log-dense-s$seed.txt" 2>&1 & pids+=($!)
 done
-wait "${jobs[@]}"
+[ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 echo "dense models: $(( $(date +%s) - started )) s"
 for seed in "${seeds[@]}"; do
   if ! verified "dense-s$seed"; then echo "dense-s$seed unfinished: its pruned runs are not started"; continue; fi
   for k in "${ks[@]}"; do
     for method in "${methods[@]}"; do
       sweep --set "seeds=[$seed]" --set "k=[$k]" --set "prune_methods=[$method]" \
-        > "$out/log-$method-k$k-s$seed.txt" 2>&1 & jobs+=($!)
+        > "$out/log-$method-k$k-s$seed.txt" 2>&1 & pids+=($!)
     done
   done
 done
-wait "${jobs[@]}"
+[ ${#pids[@]} -gt 0 ] && wait "${pids[@]}"
 echo "dense and pruned: $(( $(date +%s) - started )) s"
 missing=()
 for seed in "${seeds[@]}"; do
@@ -59,7 +59,7 @@ if [ ${#missing[@]} -eq 0 ]; then  # every run trained and verified: this reads 
   sweep --set "seeds=[$seed_list]" --set "k=[$(IFS=,; echo "${ks[*]}")]" > "$out/log-report.txt" 2>&1 \
     || echo "the report sweep failed: see logs.txt"
 else
-  echo "not verified: ${missing[*]}; no report written"
+  echo "not verified: ${missing[*]}; no report written (an earlier one in $runs is removed: it would not be these runs)"
 fi
 python3 - "$runs" <<'PY'
 import json, pathlib, sys
@@ -72,6 +72,7 @@ PY
 for log in "$out"/log-*.txt; do echo "== ${log##*/log-}"; cat "$log"; done > "$out/logs.txt"; rm -f "$out"/log-*.txt
 tar czf "$out/channel-large.tgz" "$runs"/results.md "$runs"/*.png "$runs"/summary.json "$runs"/*/metrics.json \
   "$runs"/*/config.yaml "$runs"/*/history.csv "$runs"/*/run.json "$runs"/*/verify*.json 2>/dev/null
-tar czf "$out/models-dense-s0.tgz" "$runs"/dense-s0/model.pt 2>/dev/null
-tar czf "$out/models-k0.25-s0.tgz" "$runs"/*-k0.25-s0/model.pt 2>/dev/null
+for part in dense-s0 "*-k0.25-s0"; do  # seed 0's dense and k = 0.25 models, for benchmarks on another machine
+  files=$(ls "$runs"/$part/model.pt 2>/dev/null) && tar czf "$out/models-${part//\*-/}.tgz" $files
+done
 cat "$runs/results.md" 2>/dev/null
