@@ -35,8 +35,8 @@ from .train import fit
 PRUNE_METHODS = ("hydra", "lwm")
 IDENTITY_FILE = "run.json"
 log = logging.getLogger("certprune")
-RECOVERY = {True: "a natural epoch before the eps ramp (pretrain.loss.ramp_start: 1)",  # what helped cnn-large
-            False: "a natural-to-robust ramp in this phase (loss: {ramp_start: 0, ramp_epochs: 2})"}
+PRETRAIN_REMEDY = "a natural epoch before the eps ramp (pretrain.loss.ramp_start: 1)"  # what helped cnn-large
+PHASE_REMEDY = "a natural-to-robust ramp in this phase (loss: {ramp_start: 0, ramp_epochs: 2})"
 
 
 def make_optimizer(params, phase: PhaseConfig) -> torch.optim.Optimizer:
@@ -161,8 +161,9 @@ def train_phases(model: nn.Module, phases: list[tuple[str, PhaseConfig]], config
         completed.append(tag)
         accuracy = history[-1].get("acc", 1.0) if history else 1.0
         if accuracy <= 1.5 / data.num_classes:  # the epoch's mean training accuracy: a collapse, said while it's fresh
+            remedy = PRETRAIN_REMEDY if phase == "pretrain" else PHASE_REMEDY
             log.warning("%s: %s ended at %.1f %% training accuracy, near chance for %d classes; try %s, or a lower lr",
-                        run_dir, phase, 100 * accuracy, data.num_classes, RECOVERY[phase == "pretrain"])
+                        run_dir, phase, 100 * accuracy, data.num_classes, remedy)
     return {"train_seconds": seconds + time.perf_counter() - started}
 
 

@@ -3,7 +3,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from certprune import runs
+from certprune import pipeline, runs
 from certprune.cli import main
 from certprune.config import load_config
 from certprune.data import load_dataset
@@ -121,3 +121,18 @@ def dense_run(run_dir):
         update={"granularity": "weight"})}))
     runs.write_metrics(run_dir, {"method": "dense", "k": 1.0})
     return config
+
+
+def interrupt_training(monkeypatch, at_epoch: int = 0):
+    """Make training raise KeyboardInterrupt, as Ctrl-C would, right after epoch ``at_epoch`` (counted from 0 in the
+    phase) is checkpointed; ``monkeypatch.undo()`` restores it."""
+    real_fit = pipeline.fit
+
+    def fit(*args, on_epoch_end=None, **kwargs):
+        def checkpoint_then_stop(epoch, means):
+            on_epoch_end(epoch, means)
+            if epoch == at_epoch:
+                raise KeyboardInterrupt
+        return real_fit(*args, on_epoch_end=checkpoint_then_stop, **kwargs)
+
+    monkeypatch.setattr(pipeline, "fit", fit)

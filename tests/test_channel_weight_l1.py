@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from certprune import masking, pipeline, runs
+from certprune import masking, runs
 from certprune.models import create_model
 from certprune.pipeline import prune
 from certprune.runs import CHECKPOINT_FILE, safe_load
 
-from helpers import bn_net, channel_rows, dense_run
+from helpers import bn_net, channel_rows, dense_run, interrupt_training
 
 
 def weight_l1(model, k, allocation="layerwise"):
@@ -102,18 +102,10 @@ def test_weight_l1_hydra_run_resumes_its_per_weight_scores_and_keeps_pruned_chan
     config = dense_run(tmp_path / "dense")
     config = config.model_copy(update={"prune": config.prune.model_copy(update={"channel_scores": "weight-l1"})})
     straight = prune(config, tmp_path / "straight", 0.25, "hydra", tmp_path / "dense")
-    real_fit = pipeline.fit
-
-    def fit_stopped_after_the_prune_phase(*args, on_epoch_end=None, **kwargs):
-        def checkpoint_then_stop(epoch, means):
-            on_epoch_end(epoch, means)
-            raise KeyboardInterrupt
-        return real_fit(*args, on_epoch_end=checkpoint_then_stop, **kwargs)
-
-    monkeypatch.setattr(pipeline, "fit", fit_stopped_after_the_prune_phase)
+    interrupt_training(monkeypatch)  # after the prune phase's one epoch
     with pytest.raises(KeyboardInterrupt):
         prune(config, tmp_path / "resumed", 0.25, "hydra", tmp_path / "dense")
-    monkeypatch.setattr(pipeline, "fit", real_fit)
+    monkeypatch.undo()
     checkpoint = safe_load(tmp_path / "resumed" / CHECKPOINT_FILE)
     assert checkpoint["completed"] == ["0:prune"]
     assert checkpoint["model"]["1.parametrizations.weight.0.scores"].shape == (16, 1, 4, 4)  # per weight

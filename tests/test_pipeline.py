@@ -8,7 +8,7 @@ from certprune import atomic, load_run, masking, pipeline
 from certprune.atomic import atomic_write_text
 from certprune.evaluation import configured_record, evaluate_configured
 from certprune.runs import CHECKPOINT_FILE, FORMAT, RunError, safe_load
-from helpers import tiny_config
+from helpers import interrupt_training, tiny_config
 
 RUN_FACTS = {"method", "k", "sparsity", "dataset", "model", "loss", "seed", "seconds"}
 
@@ -86,19 +86,10 @@ def test_interrupted_run_resumes_from_its_last_epoch_and_ends_identically(tmp_pa
     config = tiny_config(pretrain={"epochs": 3, "loss": {"ramp_epochs": 2}})
     pipeline.pretrain(config, tmp_path / "straight")
 
-    real_fit = pipeline.fit
-
-    def fit_interrupted_after_two_epochs(*args, on_epoch_end=None, **kwargs):
-        def checkpoint_then_stop(epoch, means):
-            on_epoch_end(epoch, means)
-            if epoch == 1:
-                raise KeyboardInterrupt
-        return real_fit(*args, on_epoch_end=checkpoint_then_stop, **kwargs)
-
-    monkeypatch.setattr(pipeline, "fit", fit_interrupted_after_two_epochs)
+    interrupt_training(monkeypatch, at_epoch=1)
     with pytest.raises(KeyboardInterrupt):
         pipeline.pretrain(config, tmp_path / "resumed")
-    monkeypatch.setattr(pipeline, "fit", real_fit)
+    monkeypatch.undo()
     checkpoint = safe_load(tmp_path / "resumed" / CHECKPOINT_FILE)
     assert checkpoint["epoch"] == 1 and not (tmp_path / "resumed" / "model.pt").exists()
 

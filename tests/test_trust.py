@@ -13,7 +13,7 @@ from certprune.config import load_config
 from certprune.evaluation import evaluate_configured
 from certprune.runs import CHECKPOINT_FILE, read_metrics, safe_load
 from certprune.train import TrainingDiverged
-from helpers import TINY, assert_one_line_error, record_of, run, tiny_config
+from helpers import TINY, assert_one_line_error, interrupt_training, record_of, run, tiny_config
 
 
 def test_the_bare_headline_command_trains_far_above_chance(tmp_path, monkeypatch):
@@ -30,18 +30,6 @@ def test_the_bare_headline_command_trains_far_above_chance(tmp_path, monkeypatch
     assert (tmp_path / "runs" / "cache").is_dir()
 
 
-def interrupt_after_first_epoch(monkeypatch):
-    real_fit = pipeline.fit
-
-    def fit(*args, on_epoch_end=None, **kwargs):
-        def stop(epoch, means):
-            on_epoch_end(epoch, means)
-            raise KeyboardInterrupt
-        return real_fit(*args, on_epoch_end=stop, **kwargs)
-
-    monkeypatch.setattr(pipeline, "fit", fit)
-
-
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trust") / "dense"
@@ -53,7 +41,7 @@ def test_resume_takes_the_runs_own_settings_and_refuses_others(dense, tmp_path, 
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump({**TINY, "verify": None, "prune": {"epochs": 1},
                                                         "finetune": {"epochs": 1}}))
     out = tmp_path / "lwm-k0.01"
-    interrupt_after_first_epoch(monkeypatch)
+    interrupt_training(monkeypatch)
     result = run("prune", "--method", "lwm", "--k", 0.01, "--from", dense, "--config", tmp_path / "tiny.yaml",
                  "--out", out)
     assert result.exit_code == 130 and "rerun with --resume" in result.output
