@@ -23,7 +23,7 @@ log = logging.getLogger("certprune")
 
 
 BOUND_METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN", "MILP")
-BOUND_LOSSES = ("ibp", "crown-ibp")
+BOUND_LOSSES = ("ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")  # ramp eps in pretraining
 PRETRAIN_RAMP = 0.4  # a bound loss pretrained without an eps ramp stays at chance: ramp over the first 40 %
 
 

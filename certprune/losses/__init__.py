@@ -11,12 +11,17 @@ from typing import Any, Callable
 from .adversarial import PGDAdversarialLoss, TradesLoss
 from .base import Loss, NaturalLoss, accuracy
 from .bounds import BoundLoss, IBPLoss, robust_cross_entropy
+from .expressive import CCIBPLoss, ExpIBPLoss, MTLIBPLoss, SABRLoss
 from .noise import GaussianLoss, StabilityLoss
 
 LOSSES: dict[str, Callable[..., Loss]] = {
     "natural": NaturalLoss,
     "ibp": IBPLoss,            # verifiable training
     "crown-ibp": BoundLoss,
+    "sabr": SABRLoss,          # expressive: between the PGD loss and the IBP loss
+    "mtl-ibp": MTLIBPLoss,
+    "cc-ibp": CCIBPLoss,
+    "exp-ibp": ExpIBPLoss,
     "pgd": PGDAdversarialLoss,  # empirical robustness
     "trades": TradesLoss,
     "gaussian": GaussianLoss,   # randomized smoothing
@@ -48,4 +53,5 @@ def check_loss(name: Any, params: dict[str, Any]) -> None:
 
 
 __all__ = ["LOSSES", "Loss", "BoundLoss", "IBPLoss", "NaturalLoss", "GaussianLoss", "StabilityLoss",
-           "PGDAdversarialLoss", "TradesLoss", "accuracy", "check_loss", "make_loss", "robust_cross_entropy"]
+           "PGDAdversarialLoss", "TradesLoss", "SABRLoss", "MTLIBPLoss", "CCIBPLoss", "ExpIBPLoss", "accuracy",
+           "check_loss", "make_loss", "robust_cross_entropy"]

@@ -20,7 +20,32 @@ def robust_cross_entropy(margin_lower: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(worst_logits, torch.zeros(len(worst_logits), dtype=torch.long, device=worst_logits.device))
 
 
-class BoundLoss:
+class Bounded:
+    """What a loss that bounds its model keeps: one :class:`~certprune.lirpa.BoundedProxy`, rebuilt only when the
+    model it follows changes (building one traces the network)."""
+
+    _proxy = None
+
+    def proxy(self, model: nn.Module, x: torch.Tensor):
+        from ..distributed import unwrap
+        from ..lirpa import BoundedProxy  # auto_LiRPA loads only when a bound is needed
+
+        model = unwrap(model)  # the proxy reads the layers themselves; gradients still reach DDP's hooks
+        if self._proxy is None or self._proxy.model is not model:
+            self._proxy = BoundedProxy(model, x)
+        return self._proxy
+
+    def ibp_margins(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, lower: torch.Tensor,
+                    upper: torch.Tensor) -> torch.Tensor:
+        """IBP lower bounds on ``logit_y - logit_j`` (``j != y``) over the per-pixel box ``[lower, upper]``, which
+        need not be centred at ``x`` (SABR's small box); differentiable towards weights and scores."""
+        from ..lirpa import margin_spec
+
+        proxy = self.proxy(model, x)
+        return proxy.box_spec_bounds(lower, upper, margin_spec(y, proxy.num_classes), ["IBP"])[0]
+
+
+class BoundLoss(Bounded):
     """IBP / CROWN-IBP certified training: ``kappa * CE(f(x)) + (1 - kappa) * CE(-margin_lower_bound)``.
 
     The margin lower bound mixes CROWN-IBP and IBP bounds as ``beta * crown_ibp + (1 - beta) * ibp``; an IBP loss
@@ -35,16 +60,6 @@ class BoundLoss:
         self.eps = Interpolate(0.0, eps, ramp)
         self.kappa = Interpolate(kappa_start, kappa_end, ramp)
         self.beta = Interpolate(beta_start, beta_end, ramp)
-        self._proxy = None
-
-    def proxy(self, model: nn.Module, x: torch.Tensor):
-        from ..distributed import unwrap
-        from ..lirpa import BoundedProxy  # auto_LiRPA loads only when a bound is needed
-
-        model = unwrap(model)  # the proxy reads the layers themselves; gradients still reach DDP's hooks
-        if self._proxy is None or self._proxy.model is not model:
-            self._proxy = BoundedProxy(model, x)
-        return self._proxy
 
     def __call__(self, model, x, y, epoch):
         eps, kappa, beta = self.eps(epoch), self.kappa(epoch), self.beta(epoch)
