@@ -70,12 +70,13 @@ def build_config(config_path, overrides, dataset=None, data_dir=None, model=None
     if base is not None and config_path is not None:  # the file may only repeat the resumed run's settings
         updates.append(load_config(config_path).to_dict())
         config_path = None
-    updates += [parse_override(text) for text in overrides]
-    flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed, "device": device}
-    updates.append({key: value for key, value in flags.items() if value is not None})
+    # the loss flags before --set: a loss named anew replaces the whole loss, and would drop --set loss.KEY=...
     loss_flags = {"name": loss, "eps": eps, "sigma": sigma}
     if any(value is not None for value in loss_flags.values()):
         updates.append({"loss": {key: value for key, value in loss_flags.items() if value is not None}})
+    updates += [parse_override(text) for text in overrides]
+    flags = {"dataset": dataset, "data_dir": data_dir, "model": model, "seed": seed, "device": device}
+    updates.append({key: value for key, value in flags.items() if value is not None})
     updates += extra or []
     return load_config(config_path, updates)
 

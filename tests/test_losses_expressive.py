@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from certprune import masking
+from certprune.cli_common import build_config
 from certprune.config import load_config
 from certprune.lirpa import input_box, margin_spec
 from certprune.losses import LOSSES, make_loss, robust_cross_entropy
@@ -190,3 +191,8 @@ def test_bad_parameters_are_one_line_errors(name, params, message):
 def test_the_module_imports_on_its_own():
     subprocess.run([sys.executable, "-c", "import certprune.losses.expressive"], check=True, capture_output=True,
                    timeout=120)
+
+
+def test_a_loss_named_on_the_command_line_keeps_its_set_parameters():
+    config = build_config(None, ["loss.lam=0.4", "loss.steps=3"], loss="sabr", eps="0.1")
+    assert config.loss == {"name": "sabr", "eps": 0.1, "lam": 0.4, "steps": 3}
