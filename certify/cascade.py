@@ -2,18 +2,23 @@
 their clipped L-inf balls) and ``certprune verify --onnx/--instances`` (VNN-LIB properties, their boxes as given).
 
 Each box carries a property "``logit_label > logit_j`` for every ``j`` in its classes". The stages run cheapest first,
-each only on the boxes still open: bound methods (IBP, CROWN-IBP, CROWN, alpha-CROWN: a box is verified when every
-margin's lower bound is > 0) and last the MILP (PGD inside the box, then the exact program: verified, falsified or
-unknown at its time limit). A counterexample counts only after a plain forward pass at a point of the ``inner`` box
+each only on the boxes still open: bound methods (IBP, CROWN-IBP, CROWN, alpha-CROWN, in float64: a box is verified
+when every margin's lower bound proves it positive under the rule of :mod:`certprune.certify.proof`) and last the
+MILP (PGD inside the box, then the exact program: verified, falsified or unknown at its time limit). A counterexample counts only after a plain forward pass at a point of the ``inner`` box
 (the real box rounded inward) violates the property; the bounds cover the box rounded outward.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from certprune.certify import proof
 from certprune.lirpa import BoundedProxy, spec_of
+
+log = logging.getLogger("certprune")
 
 STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # the cascade's order, cheapest first
 MILP_CHUNK = 16  # boxes per call of the MILP (its progress bar moves per chunk)
@@ -38,9 +43,9 @@ class Cascade:
         self.stage = torch.zeros(n, dtype=torch.long)
         self.falsified = torch.zeros(n, dtype=torch.bool)
         self.falsified_by = [""] * n
-        self.margin = torch.full((n,), float("-inf"))
+        self.margin = torch.full((n,), float("-inf"), dtype=torch.float64)
         self.seconds = torch.zeros(n, dtype=torch.float64)
-        self.class_bounds = torch.full(self.spec.shape[:2], float("-inf"))
+        self.class_bounds = torch.full(self.spec.shape[:2], float("-inf"), dtype=torch.float64)
         self.counterexamples = torch.zeros_like(lower)
         self.relus: dict[int, list] = {}
         self._proxy = None
@@ -66,7 +71,7 @@ class Cascade:
               alpha_iterations: int = 10, alpha_lr: float = 0.5) -> None:
         """One bound stage on the boxes ``todo``; with ``keep_relus`` CROWN also keeps the ReLU input bounds it
         computed on the way (for the MILP)."""
-        self._proxy = self._proxy or BoundedProxy(self.model, self.lower[:1])
+        self._proxy = self._proxy or BoundedProxy(self.model, self.lower[:1], torch.float64)
         for start in tqdm(range(0, len(todo), batch_size), desc=f"verify {method}", leave=False, disable=None):
             index = todo[start:start + batch_size]
             box = (self.lower[index], self.upper[index], self.spec[index])
@@ -77,10 +82,23 @@ class Cascade:
                                        for k, i in enumerate(index.tolist())})
                 else:
                     margins = self._proxy.box_spec_bounds(*box, [method], alpha_iterations, alpha_lr)[0]
-            margins = margins.float().cpu()
+            margins = self._checked(index, proof.finite_or_worst(margins.double().cpu()), method)
             self.class_bounds[index] = torch.maximum(self.class_bounds[index], margins)
             self.margin[index] = torch.maximum(self.margin[index], margins.min(1).values)
-            self.stage[index[margins.min(1).values > 0]] = STAGES.index(method) + 1
+            self.stage[index[proof.proves(margins)]] = STAGES.index(method) + 1
+
+    def _checked(self, index: torch.Tensor, margins: torch.Tensor, method: str) -> torch.Tensor:
+        """``margins`` with the rows of boxes where a bound exceeds the network's own margin at the box's centre set
+        to ``-inf``: only a wrong bound can do that, and it must prove nothing (logged)."""
+        centre = (self.lower[index] + self.upper[index]) / 2
+        with torch.no_grad():
+            logits = self.model(centre).double().cpu()
+        at_centre = torch.einsum("brc,bc->br", self.spec[index].double().cpu(), logits)
+        fine = proof.consistent(margins, at_centre, logits.abs().amax(1))
+        if not fine.all():
+            log.warning("%s bounds exceed the network's margin at the box's centre for %d boxes; they prove nothing "
+                        "there", method, int((~fine).sum()))
+        return torch.where(fine[:, None], margins, torch.full_like(margins, float("-inf")))
 
     def exact(self, todo: torch.Tensor, time_limit: float, attack_steps: int = 20) -> None:
         """The MILP on the boxes ``todo`` (CROWN's ReLU bounds where the cascade kept them), with a progress bar

@@ -4,7 +4,7 @@ Bounds (IBP, CROWN, alpha-CROWN) can only prove; an image they leave open may be
 (:mod:`certprune.certify.milp_encoding`) describes the network's outputs over the box exactly, and for each class
 ``j`` the property names (most threatening first) HiGHS (``scipy.optimize.milp``) minimises ``logit_y - logit_j``.
 A property is **verified** when the solver's *proven* lower bound (its dual bound, not its incumbent) exceeds
-:data:`TOLERANCE` for every such class, **falsified** when a solution's input, clipped to the box and re-checked
+:func:`certprune.certify.proof.milp_tolerance` for every such class, **falsified** when a solution's input, clipped to the box and re-checked
 by a plain float forward pass, has some ``logit_j >= logit_y``, and **unknown** otherwise (time limit, or a
 candidate the forward pass refutes, which is logged).
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,13 +24,14 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from certprune.attacks import PGD
-from certprune.certify.milp_encoding import Network, Program, network, program, tightened_bounds
+from certprune.certify import proof
+from certprune.certify.milp_encoding import BoundsDisagree, Network, Program, network, output_bounds, program, \
+    tightened_bounds
 from certprune.lirpa import BoundedProxy, input_box, spec_of
 
 log = logging.getLogger("certprune")
-# Margins within TOLERANCE of 0 are left undecided: HiGHS's feasibility tolerances (1e-6 .. 1e-7) and float32
-# bounds make a proven bound of 1e-9 meaningless.
-TOLERANCE = 1e-4
+# HiGHS's own feasibility tolerances (1e-6 .. 1e-7 by default) tightened to the proof rule's; scipy passes them on.
+HIGHS_OPTIONS = {f"{kind}_feasibility_tolerance": proof.HIGHS_FEASIBILITY for kind in ("primal", "dual", "mip")}
 
 
 @dataclass
@@ -47,9 +49,12 @@ def solve(prog: Program, label: int, other: int, time_limit: float):
     """HiGHS on ``min logit_label - logit_other``; scipy's result (``mip_dual_bound`` is the proven bound)."""
     cost = np.zeros(len(prog.var_lower))
     cost[prog.logits.start + label], cost[prog.logits.start + other] = 1.0, -1.0
-    return milp(cost, integrality=prog.integrality, bounds=Bounds(prog.var_lower, prog.var_upper),
-                constraints=LinearConstraint(prog.matrix, prog.row_lower, prog.row_upper),
-                options={"time_limit": max(time_limit, 0.01), "disp": False, "mip_rel_gap": 1e-4})
+    with warnings.catch_warnings():  # scipy warns that it passes HIGHS_OPTIONS to HiGHS verbatim, as wanted
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return milp(cost, integrality=prog.integrality, bounds=Bounds(prog.var_lower, prog.var_upper),
+                    constraints=LinearConstraint(prog.matrix, prog.row_lower, prog.row_upper),
+                    options={"time_limit": max(time_limit, 0.01), "disp": False, "mip_rel_gap": 1e-4,
+                             **HIGHS_OPTIONS})
 
 
 def _others(label: int, others, num_classes: int) -> list[int]:
@@ -68,13 +73,19 @@ def verify_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label
     started = time.perf_counter()
     net = net or network(model, lower[None])
     x_lower, x_upper = (b.detach().cpu().double().flatten().numpy() for b in (lower, upper))
-    bounds = tightened_bounds(net, x_lower, x_upper, relu_bounds)
-    out_low, out_up = bounds[-1]
+    try:
+        bounds = tightened_bounds(net, x_lower, x_upper, relu_bounds)
+    except BoundsDisagree as error:
+        log.warning("MILP left a property unknown: %s", error)
+        return Outcome("unknown", float("-inf"), None, time.perf_counter() - started, {"why": "bounds disagree"})
+    out_low, out_up = output_bounds(net, bounds)
     classes = _others(label, others, len(out_low))
-    given = dict(zip(classes, np.asarray(margin_bounds, dtype=float))) if margin_bounds is not None else {}
+    given = {} if margin_bounds is None else dict(zip(classes, proof.finite_or_worst(
+        torch.as_tensor(margin_bounds, dtype=torch.float64).cpu()).tolist()))
     proven = {j: max(given.get(j, -np.inf), out_low[label] - out_up[j]) for j in classes}
     prog, why = program(net, x_lower, x_upper, bounds), "unknown"
-    for j in sorted((j for j in classes if proven[j] <= TOLERANCE), key=proven.get):
+    tolerance = proof.milp_tolerance(prog.var_lower, prog.var_upper)
+    for j in sorted((j for j in classes if not proven[j] > tolerance), key=proven.get):
         remaining = time_limit - (time.perf_counter() - started)
         if remaining <= 0:
             why = "timeout"
@@ -82,11 +93,11 @@ def verify_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label
         result = solve(prog, label, j, remaining)
         dual = getattr(result, "mip_dual_bound", None)  # None when no ReLU is unstable: then an LP, exact when solved
         dual = result.fun if dual is None and result.status == 0 and not prog.stats["binaries"] else dual
-        if result.status in (0, 1) and dual is not None and np.isfinite(dual):
+        if result.status in (0, 1) and proof.usable(dual):
             proven[j] = max(proven[j], float(dual))
-        if proven[j] > TOLERANCE:
+        if proven[j] > tolerance:
             continue
-        if result.x is not None and result.fun is not None and result.fun < 0:
+        if result.x is not None and result.fun is not None and result.fun <= 0:  # a tie violates "label beats j"
             candidate = torch.tensor(result.x[:len(x_lower)], dtype=lower.dtype).view_as(lower)
             checked = check_box(model, *(inner or (lower, upper)), label, classes, candidate)
             if checked is not None:

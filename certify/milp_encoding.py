@@ -149,10 +149,23 @@ def program(net: Network, x_lower: np.ndarray, x_upper: np.ndarray, affine_bound
                     "variables": int(offsets[-1])})
 
 
+class BoundsDisagree(RuntimeError):
+    """Two sound stages' bounds of one neuron do not overlap: one of them is wrong, so neither may prove anything."""
+
+
+def output_bounds(net: Network, bounds: list) -> tuple[np.ndarray, np.ndarray]:
+    """The network's output bounds from :func:`tightened_bounds`' affine ones: a final ReLU clamps them at 0."""
+    lower, upper = bounds[-1]
+    if net.steps[-1][0] == "relu":
+        return np.maximum(lower, 0), np.maximum(upper, 0)
+    return lower, upper
+
+
 def tightened_bounds(net: Network, lower: np.ndarray, upper: np.ndarray, relu_bounds=None) -> list:
     """Interval arithmetic in float64 (the cheapest sound stage): the bounds of every affine output, in order. At
-    each ReLU's input they are first intersected with ``relu_bounds`` (another sound stage's, in float32: widened by
-    WIDEN, and ignored where the two cross), so that later layers' intervals shrink too."""
+    each ReLU's input they are first intersected with ``relu_bounds`` (another sound stage's, widened by WIDEN for
+    their rounding), so that later layers' intervals shrink too. Intervals that do not overlap raise
+    :class:`BoundsDisagree`."""
     bounds, given = [], iter(relu_bounds or [])
     for step in net.steps:
         if step[0] == "affine":
@@ -164,9 +177,13 @@ def tightened_bounds(net: Network, lower: np.ndarray, upper: np.ndarray, relu_bo
         if other is not None and bounds:
             low, up = (torch.as_tensor(b).detach().cpu().double().reshape(-1).numpy() for b in other)
             low, up = low - WIDEN * (1 + np.abs(low)), up + WIDEN * (1 + np.abs(up))
+            if not (np.isfinite(low).all() and np.isfinite(up).all()):
+                raise BoundsDisagree(f"ReLU layer {len(bounds)}: the given bounds are not finite")
             low, up = np.maximum(lower, low), np.minimum(upper, up)
-            crossed = low > up
-            lower, upper = np.where(crossed, lower, low), np.where(crossed, upper, up)
+            if (low > up).any():
+                raise BoundsDisagree(f"ReLU layer {len(bounds)}: interval and given bounds do not overlap at "
+                                     f"{int((low > up).sum())} neurons")
+            lower, upper = low, up
             bounds[-1] = (lower, upper)
         lower, upper = np.maximum(lower, 0), np.maximum(upper, 0)
     return bounds

@@ -5,9 +5,11 @@ A hand-written reader on purpose: it knows the few operators such networks use (
 for the ``VERIFIABLE`` models, and the common MatMul + Add form) and refuses every other one in one line, rather
 than pulling in a general converter and its torch. The graph must be a chain: each operator takes the previous
 one's output and constants (initializers, ``Constant`` nodes, and the shape arithmetic the exporter derives from
-them, which is evaluated here). Elementwise constants on images (``Sub``, ``Div``, ``Add``, ``Mul`` by a scalar or a
-per-channel constant) become one :class:`~certprune.models.Normalize`, ``Sub`` then ``Div`` computing exactly
-ONNX's ``(x - mean) / std``; an ``Add`` right after a MatMul, Gemm or Conv becomes its bias.
+them, which is evaluated here). Elementwise constants (``Sub``, ``Div``, ``Add``, ``Mul``) at an image input, by a
+scalar or a per-channel constant, negative ones included, compose into one leading
+:class:`~certprune.models.Normalize` (the verifiers map the box through it exactly); right after a MatMul, Gemm or
+Conv they fold into its weight and bias. Both are computed in float64 and rounded once; a zero or non-finite
+constant, and a constant anywhere else, is refused.
 """
 from __future__ import annotations
 
@@ -64,42 +66,58 @@ class _Builder:
             self.example = layer(self.example)
 
     def channel_constant(self, value: np.ndarray, where: str) -> torch.Tensor:
-        """A scalar or per-channel constant of an image tensor as a ``(C,)`` tensor; else a ValueError."""
+        """A scalar or per-channel constant of an image tensor as a float64 ``(C,)`` tensor; else a ValueError."""
         channels = self.example.shape[1]
         padded = value.reshape((1,) * (4 - value.ndim) + value.shape) if value.ndim <= 4 else value
         if self.example.dim() != 4 or padded.ndim != 4 or padded.shape[0] != 1 or padded.shape[2:] != (1, 1) \
                 or padded.shape[1] not in (1, channels):
-            raise ValueError(f"{where}: an elementwise constant must be a scalar or per-channel on an image "
+            raise ValueError(f"{where}: an elementwise constant here must be a scalar or per-channel on an image "
                              f"(N, C, H, W) tensor; got shape {tuple(value.shape)} on {tuple(self.example.shape)}")
-        return torch.tensor(padded.reshape(-1), dtype=torch.float32).expand(channels).clone()
+        return torch.tensor(padded.reshape(-1), dtype=torch.float64).expand(channels).clone()
 
-    def fold_bias(self, value: np.ndarray) -> bool:
-        """An ``Add`` right after a Linear or Conv2d becomes (part of) its bias when the constant has its shape."""
-        last = self.layers[-1] if self.layers else None
-        if isinstance(last, nn.Linear):
-            fits = value.shape in ((last.out_features,), (1, last.out_features))
-        elif isinstance(last, nn.Conv2d):
-            fits = value.shape in ((last.out_channels, 1, 1), (1, last.out_channels, 1, 1))
-        else:
-            return False
-        if fits:
-            last.bias.data += torch.tensor(value.reshape(-1), dtype=torch.float32)
-        return fits
+    def output_constant(self, layer: nn.Module, value: np.ndarray) -> torch.Tensor | None:
+        """A constant of the shape of ``layer``'s output channels (scalar, ``(out,)`` for a Linear, ``(out, 1, 1)``
+        for a Conv2d, with or without a batch axis) as a float64 ``(out,)`` tensor; None when it has another shape."""
+        out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        shapes = [(), (1,), (out,), (1, out)] if isinstance(layer, nn.Linear) else \
+            [(), (1,), (out, 1, 1), (1, out, 1, 1), (1, 1, 1), (1, 1, 1, 1)]
+        if value.shape not in shapes:
+            return None
+        return torch.tensor(value.reshape(-1), dtype=torch.float64).expand(out).clone()
 
     def elementwise(self, op: str, value: np.ndarray, where: str):
-        if op == "Add" and self.fold_bias(value):
-            return
-        constant = self.channel_constant(value, where)
-        if op in ("Div", "Mul") and not bool((constant != 0).all()):
+        """``Sub``, ``Add``, ``Mul`` or ``Div`` by a constant, kept exact in real arithmetic: at the input it becomes
+        (or extends) the one leading :class:`Normalize`; right after a Linear or Conv2d it is folded into that
+        layer's weight and bias (computed in float64, rounded once); anywhere else it is refused."""
+        if not np.isfinite(value).all():
+            raise ValueError(f"{where}: the constant is not finite")
+        if op in ("Div", "Mul") and not (value != 0).all():
             raise ValueError(f"{where}: {op} by a zero constant")
         last = self.layers[-1] if self.layers else None
-        if op == "Div" and isinstance(last, Normalize) and bool((last.std == 1).all()):
-            last.std.copy_(constant.view_as(last.std))  # Sub then Div: exactly ONNX's (x - mean) / std
-            return
-        mean, std = {"Sub": (constant, 1.0), "Add": (-constant, 1.0), "Div": (0.0, constant),
-                     "Mul": (0.0, 1.0 / constant)}[op]
-        self.add(Normalize(*(torch.as_tensor(v, dtype=torch.float32).expand(len(constant)).clone()
-                             for v in (mean, std))))
+        if isinstance(last, (nn.Linear, nn.Conv2d)):
+            constant = self.output_constant(last, value)
+            if constant is None:
+                raise ValueError(f"{where}: a constant after {type(last).__name__} must be a scalar or one value per "
+                                 f"output channel; got shape {tuple(value.shape)}")
+            scale, shift = {"Sub": (1.0, -constant), "Add": (1.0, constant), "Mul": (constant, 0.0),
+                            "Div": (1.0 / constant, 0.0)}[op]
+            return _scale_layer(last, scale, shift)
+        if last is not None and not (len(self.layers) == 1 and isinstance(last, Normalize)):
+            raise ValueError(f"{where}: an elementwise constant is supported at the input or right after Conv, Gemm "
+                             f"or MatMul, not after {type(last).__name__}")
+        constant = self.channel_constant(value, where)
+        if last is None:
+            last = Normalize(torch.zeros(len(constant)), torch.ones(len(constant)))
+            self.add(last)
+        mean, std = last.mean.double().flatten(), last.std.double().flatten()  # compose with (x - mean) / std
+        mean, std = {"Sub": (mean + constant * std, std), "Add": (mean - constant * std, std),
+                     "Div": (mean, std * constant), "Mul": (mean, std / constant)}[op]
+        try:
+            self.layers[0] = Normalize(mean, std)
+        except ValueError:
+            raise ValueError(f"{where}: the input's affine map overflows or vanishes in float32") from None
+        with torch.no_grad():
+            self.example = self.layers[0](torch.zeros_like(self.example))
 
     def node(self, node, index: int, constants: list, attrs: dict):
         """Append the layer of one operator of :data:`LAYER_OPS` whose first input is the chain's current tensor and
@@ -119,7 +137,7 @@ class _Builder:
                 return self.add(nn.Flatten())
             raise ValueError(f"{where}: only a Reshape to (batch, features) is supported, got {target}")
         if op in ("Sub", "Div", "Add", "Mul"):
-            return self.elementwise(op, constants[0], where)
+            return self.elementwise(op, np.asarray(constants[0], dtype=np.float64), where)
         weight = torch.tensor(constants[0], dtype=torch.float32)
         bias = torch.tensor(constants[1], dtype=torch.float32) if len(constants) > 1 else None
         if op == "Conv":
@@ -131,6 +149,15 @@ class _Builder:
             bias = bias * attrs.get("beta", 1.0) if bias is not None and attrs.get("beta", 1.0) != 1 else bias
             return self.add(_linear(weight if attrs.get("transB", 0) else weight.t(), bias))
         raise ValueError(f"{where} is not supported with these inputs or attributes")
+
+
+def _scale_layer(layer: nn.Module, scale, shift) -> None:
+    """``layer``'s output times ``scale`` plus ``shift`` (per output channel), folded into its weight and bias."""
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    scale = torch.as_tensor(scale, dtype=torch.float64).expand(layer.weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.double() * scale.view(shape))
+        layer.bias.copy_(layer.bias.double() * scale + shift)
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

@@ -80,6 +80,18 @@ def input_box(x: torch.Tensor, eps: float, lower: float = 0.0, upper: float = 1.
     return low, up
 
 
+def normalized_box(normalize: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
+    """The smallest float box that contains ``normalize``'s image of ``[lower, upper]``: the per-channel map
+    ``(x - mean) / std`` is evaluated in float64, its two ends ordered (a negative std reverses them), then rounded
+    one float step outward, so the mapped box never loses a point of the exact one to rounding."""
+    if isinstance(normalize, nn.Identity):
+        return lower, upper
+    ends = [(end.double() - normalize.mean.double()) / normalize.std.double() for end in (lower, upper)]
+    low, up = torch.minimum(*ends), torch.maximum(*ends)
+    return (torch.nextafter(low.to(lower.dtype), torch.full_like(lower, -math.inf)),
+            torch.nextafter(up.to(upper.dtype), torch.full_like(upper, math.inf)))
+
+
 class _ChainToModel(torch.autograd.Function):
     """Hands the proxy's bounds to the caller; backward routes their gradient to the model's effective tensors.
 
@@ -114,11 +126,17 @@ class BoundedProxy:
     A leading :class:`~certprune.models.Normalize` stays outside the bounded graph: its division by a per-channel
     std trips an assertion in auto_LiRPA 0.3's CROWN (patches mode), and it is exact to map the input box through
     it instead, as auto_LiRPA's own examples do.
+
+    ``dtype``: the precision of the bounded copy and of its boxes. Training bounds in float32, the model's own;
+    verification in float64, so that rounding cannot lift a bound over the proof rule's tolerance
+    (:mod:`certprune.certify.proof`). The model's float32 weights convert to float64 exactly.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor):
-        self.model = model
-        plain = masking.dense_copy(model)
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype = torch.float32):
+        self.model, self.dtype = model, dtype
+        self.num_classes = self._infer_classes(model, example_input)
+        example_input = example_input.to(dtype)
+        plain = masking.dense_copy(model).to(dtype)
         self.normalize_name = None
         if isinstance(plain, nn.Sequential) and isinstance(plain[0], Normalize):
             self.normalize_name, self.normalize = next(iter(plain.named_children()))
@@ -126,7 +144,6 @@ class BoundedProxy:
         else:
             self.normalize = nn.Identity()
         self._plain = plain
-        self.num_classes = self._infer_classes(model, example_input)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.bounded = BoundedModule(plain, self.normalize(example_input[:1]), device=example_input.device)
@@ -160,8 +177,9 @@ class BoundedProxy:
         return tensors
 
     def _bounded_box(self, lower: torch.Tensor, upper: torch.Tensor) -> BoundedTensor:
-        """The box ``[lower, upper]`` (pixel space) mapped through the leading normalisation, which is monotone."""
-        lower, upper = self.normalize(lower), self.normalize(upper)
+        """The box ``[lower, upper]`` (pixel space) mapped through the leading normalisation (see
+        :func:`normalized_box`)."""
+        lower, upper = normalized_box(self.normalize, lower.to(self.dtype), upper.to(self.dtype))
         # For the L-inf norm auto_LiRPA reads only x_L and x_U; eps (the largest half-width) is for its records.
         half_width = ((upper - lower) / 2).amax()
         return BoundedTensor((lower + upper) / 2, PerturbationLpNorm(norm=float("inf"), eps=half_width, x_L=lower,
@@ -190,7 +208,7 @@ class BoundedProxy:
         if unknown:
             raise ValueError(f"unknown bound method {unknown[0]!r}; choose from {', '.join(METHODS)}")
         tensors = self._sync()
-        bounded_x = self._bounded_box(lower, upper)
+        bounded_x, spec = self._bounded_box(lower, upper), spec.to(self.dtype)
         lowers = [self._compute(bounded_x, spec, method, iterations, lr) for method in methods]
         self._release_node_state()
         if (not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
@@ -199,6 +217,8 @@ class BoundedProxy:
         return list(_ChainToModel.apply((lowers, self._plain_params), *tensors))
 
     def _compute(self, bounded_x, spec, method: str, iterations: int, lr: float) -> torch.Tensor:
+        if method == "alpha-CROWN" and not self.bounded.relus:
+            method = "CROWN"  # no ReLU slopes to optimise: alpha-CROWN is CROWN (auto_LiRPA's backward would fail)
         if method != "alpha-CROWN":
             return self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=method, bound_upper=False)[0]
         if not (int(iterations) >= 1 and float(lr) > 0):
@@ -229,8 +249,8 @@ class BoundedProxy:
             raise ValueError(f"ReLU input bounds come from IBP or CROWN, not {method!r}")
         self._sync()
         with torch.no_grad():
-            margins = self.bounded.compute_bounds(x=(self._bounded_box(lower, upper),), C=spec, method=method,
-                                                  bound_upper=False)[0]
+            margins = self.bounded.compute_bounds(x=(self._bounded_box(lower, upper),), C=spec.to(self.dtype),
+                                                  method=method, bound_upper=False)[0]
             relus = [(relu.inputs[0].lower.detach().clone(), relu.inputs[0].upper.detach().clone())
                      for relu in self.bounded.relus]
         self._release_node_state()

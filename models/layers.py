@@ -6,12 +6,20 @@ from torch import nn
 
 
 class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel, as the model's first layer, so that eps is measured in pixel space."""
+    """``(x - mean) / std`` per channel, as the model's first layer, so that eps is measured in pixel space.
+
+    A negative std is a valid (decreasing) affine map; a zero, infinite or NaN statistic is refused: no verifier can
+    bound through it, and a NaN would pass through every comparison as "not violated"."""
 
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        mean, std = (torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(std).all())
+                and bool(torch.isfinite(1 / std).all())):  # 1 / 0 is inf
+            raise ValueError(f"Normalize needs finite means and finite non-zero stds (with finite inverses), got mean "
+                             f"{mean.flatten().tolist()} and std {std.flatten().tolist()}")
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
