@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 import warnings
 from decimal import Decimal
 from fractions import Fraction
@@ -35,6 +33,7 @@ import torch
 from torch import nn
 
 from certprune import masking
+from certprune.atomic import atomic_write_bytes
 from certprune.attacks import eval_mode, parse_eps
 
 OPSET = 13
@@ -154,19 +153,6 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Write to a temporary name and rename, so an interrupted export never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def export_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str | Path, eps,
                indices: Sequence[int], timeout: float = 300.0, source: str = "") -> dict[str, Any]:
     """Write ``model.onnx``, ``vnnlib/prop_<index>.vnnlib`` for each test image ``x[index]`` (labels ``y``),
@@ -194,20 +180,20 @@ def export_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, out_dir: str 
     num_classes = int(proto.graph.output[0].type.tensor_type.shape.dim[1].dim_value)
     labels = y[indices].detach().cpu().tolist()
 
-    _write(out_dir / "model.onnx", proto.SerializeToString())
+    atomic_write_bytes(out_dir / "model.onnx", proto.SerializeToString())
     rows = []
     for index, image, label in zip(indices, chosen, labels):
         comment = f"certprune export of {source or 'a model'}: test image {index}, label {label}, L-inf eps {eps}"
-        _write(out_dir / "vnnlib" / f"prop_{index}.vnnlib", vnnlib_text(image, label, num_classes, exact,
+        atomic_write_bytes(out_dir / "vnnlib" / f"prop_{index}.vnnlib", vnnlib_text(image, label, num_classes, exact,
                                                                            comment).encode())
         rows.append(f"model.onnx,vnnlib/prop_{index}.vnnlib,{timeout:g}\n")
-    _write(out_dir / "instances.csv", "".join(rows).encode())
+    atomic_write_bytes(out_dir / "instances.csv", "".join(rows).encode())
     wrong = [i for i, p, label in zip(indices, predictions.tolist(), labels) if p != label]
     summary = {"out": str(out_dir), "model": "model.onnx", "opset": OPSET, "properties": len(indices),
                "first": indices[0], "last": indices[-1], "eps": str(eps), "timeout": timeout,
                "input_shape": list(chosen.shape[1:]), "num_classes": num_classes, "zero_weights": zeros,
                "weights": total, "model_zero_weights": pruned, "misclassified": wrong}
-    _write(out_dir / "README.md", readme(summary, source).encode())
+    atomic_write_bytes(out_dir / "README.md", readme(summary, source).encode())
     return summary
 
 

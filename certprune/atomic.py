@@ -38,8 +38,12 @@ def _atomic(path: Path, write: Callable[[Any], None]) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic(path, lambda stream: stream.write(data))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda stream: stream.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -3,6 +3,7 @@
 Run directories are made here from random masked models (nothing is trained); onnxruntime and a small VNN-LIB
 parser written below check the files independently of the code that wrote them."""
 import math
+import os
 import re
 from fractions import Fraction
 
@@ -159,6 +160,10 @@ def test_cli_writes_instances_readme_and_the_chosen_properties(tmp_path):
         f"model.onnx,vnnlib/prop_{i}.vnnlib,60\n" for i in (0, 5, 10))
     readme = (out / "README.md").read_text()
     assert f"opset {export.OPSET}" in readme and "8/255" in readme and "instances.csv" in readme
+    written = [p for p in out.rglob("*") if p.is_file()]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o666 & ~mask)}  # as a plain open() gives
 
 
 class Cosine(nn.Module):
