@@ -1,6 +1,7 @@
 """``certprune`` command line: each command is a few lines over the Python API; validation happens in the config."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -149,9 +150,10 @@ NOT_RECORDED = "interrupted; nothing was recorded"
 @MAX_OPTION
 @SKIP_OPTION
 @click.option("--batch-size", type=int, help="Images bounded at once " + _default(VerifyConfig, "batch_size"))
-@click.option("--timeout", type=float, help="Seconds per image of the MILP stage " + _default(VerifyConfig, "timeout"))
-@click.option("--restart", is_flag=True, help="Discard the verdicts already in the run's verify TSV instead of "
-              "resuming them.")
+@click.option("--timeout", type=float, help="Seconds per image of the MILP stage " + _default(VerifyConfig, "timeout")
+              + "; with --onnx/--instances, per instance over all stages [instances.csv's, else 10].")
+@click.option("--restart", is_flag=True, help="Discard the verdicts already in the run's verify TSV (or the --out "
+              "file of --onnx/--instances) instead of resuming them.")
 @DEVICE_OPTION
 @one_line_errors("interrupted; decided images are kept in the run's verify TSV (rerun the same command to resume)")
 def verify(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch_size, timeout, restart, device):
@@ -161,11 +163,8 @@ def verify(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch
     if onnx or vnnlibs or instances or out:
         from .certify.instances import verify_command
 
-        if restart:
-            raise ValueError("--restart applies to --from RUN (its verify TSV); --onnx/--instances keep no state")
-
-        return click.echo(verify_command(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch_size,
-                                         timeout, device), nl=False)
+        return verify_command(source, onnx, vnnlibs, instances, out, eps, methods, max, skip, batch_size, timeout,
+                              device, restart, functools.partial(click.echo, nl=False))
     if source is None:
         raise ValueError("--from is required: a run directory (or --onnx with --vnnlib, or --instances)")
     requested = {"eps": eps, "bound_methods": list(methods) or None, "max": max, "skip": skip,

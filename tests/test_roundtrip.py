@@ -17,6 +17,7 @@ from torch import nn
 
 from certprune import masking
 from certprune.certify import export, milp
+from certprune.certify import instances
 from certprune.certify.instances import read_instances, verify_instances
 from certprune.certify.onnx_import import load_onnx
 from certprune.certify.verify import evaluate
@@ -115,8 +116,8 @@ def test_matmul_add_reshape_and_per_channel_constants_read_back_to_onnxruntimes_
     x = torch.rand(64, *shape)
     with torch.no_grad():
         assert np.abs(model(x).numpy() - ort_logits(path, x)).max() <= 1e-5
-    assert [type(layer).__name__ for layer in model] == ["Normalize", "Normalize", "Conv2d", "ReLU", "Flatten",
-                                                         "Linear", "ReLU", "Linear"]  # Sub + Div is one
+    assert [type(layer).__name__ for layer in model] == ["Normalize", "Conv2d", "ReLU", "Flatten", "Linear", "ReLU",
+                                                         "Linear"]  # Sub, Div and Mul compose into one
 
 
 @pytest.mark.parametrize("node,fragment", [
@@ -223,7 +224,8 @@ def exported(tmp_path_factory, trained):
     (["--instances", "instances.csv", "--eps", "0.1"], "--eps does not apply"),
     (["--instances", "instances.csv", "--method", "PGD"], "unknown verification method PGD"),
     (["--instances", "instances.csv", "--max", "0"], "--max must be positive"),
-    (["--instances", "instances.csv", "--restart"], "--restart applies to --from RUN"),
+    (["--instances", "instances.csv", "--restart"], "--restart needs --out"),
+    (["--instances", "instances.csv", "--out", "instances.csv"], "holds verdicts of other settings or is not a verdict"),
     (["--onnx", "model.onnx", "--vnnlib", "strict.vnnlib"], "strict.vnnlib line "),
     ([], "--from is required"),
 ])
@@ -234,10 +236,55 @@ def test_bad_input_is_a_one_line_error(exported, monkeypatch, args, fragment):
 
 def test_the_command_prints_and_writes_one_verdict_per_property(exported, monkeypatch):
     monkeypatch.chdir(exported)
-    result = run("verify", "--instances", "instances.csv", "--method", "IBP", "--out", "verdicts.tsv")
+    result = run("verify", "--instances", "instances.csv", "--method", "IBP", "--out", "verdicts.tsv", "--restart")
     assert result.exit_code == 0, result.output
     lines = (exported / "verdicts.tsv").read_text().splitlines()
-    assert lines[0].split("\t")[:5] == ["instance", "verdict", "verified_by", "margin_lower_bound", "seconds"]
-    assert [line.split("\t")[0] for line in lines[1:]] == ["vnnlib/prop_0.vnnlib", "vnnlib/prop_1.vnnlib"]
-    assert result.stdout.startswith("\n".join(lines)) and "# 2 properties:" in result.stdout
-    assert math.isfinite(float(lines[1].split("\t")[3]))
+    assert lines[0] == "# certprune verify: methods IBP; time limit per instance each instance's own, else 10 s; batch 256"
+    assert lines[1].split("\t")[:5] == ["instance", "verdict", "verified_by", "margin_lower_bound", "seconds"]
+    assert sorted(line.split("\t")[0] for line in lines[2:]) == ["vnnlib/prop_0.vnnlib", "vnnlib/prop_1.vnnlib"]
+    assert result.stdout.startswith("\n".join(lines[1:])) and "# 2 properties:" in result.stdout
+    assert math.isfinite(float(lines[2].split("\t")[3]))
+
+
+def test_a_stopped_run_keeps_its_verdicts_and_a_rerun_decides_only_the_rest(exported, monkeypatch):
+    """Each verdict is on disk the moment it is decided: stopped after the first, the file holds that line, and the
+    same command then verifies only the other instance and reports both."""
+    monkeypatch.chdir(exported)
+    args = ("verify", "--instances", "instances.csv", "--method", "IBP", "--out", "stopped.tsv")
+    real = instances.VerdictFile.add
+
+    def stop_after_one(self, record):
+        real(self, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(instances.VerdictFile, "add", stop_after_one)
+    assert run(*args).exit_code != 0
+    first = (exported / "stopped.tsv").read_text().splitlines()
+    assert len(first) == 3
+    monkeypatch.setattr(instances.VerdictFile, "add", real)
+    decided = []
+    monkeypatch.setattr(instances, "verify_instances", lambda todo, *a, **k: decided.extend(todo) or original(
+        todo, *a, **k))
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    assert len(decided) == 1 and str(decided[0].vnnlib) != first[2].split("\t")[0]
+    lines = (exported / "stopped.tsv").read_text().splitlines()
+    assert lines[:3] == first and len(lines) == 4 and "(1 kept from stopped.tsv)" in result.stdout
+    assert "other settings" in run(*args[:-2], "--method", "CROWN", "--out", "stopped.tsv").output
+
+
+original = instances.verify_instances
+
+
+def test_one_time_limit_covers_all_of_an_instances_stages(exported, monkeypatch):
+    """VNN-COMP's rule: the complete stage gets what the earlier stages left of the instance's limit, nothing when
+    they used it all."""
+    chosen = read_instances(exported / "instances.csv")
+    given = []
+    monkeypatch.setattr(instances.Cascade, "exact", lambda self, todo, limit, *a: given.append(limit))
+    monkeypatch.setattr(instances.Cascade, "bound", lambda self, method, todo, *a: self.seconds.__setitem__(
+        todo, self.seconds[todo] + 4.0))  # each bound stage takes 4 s of every open instance's time
+    records = verify_instances(chosen, ["IBP", "CROWN", "MILP"], timeout=10.0)
+    assert given == [pytest.approx(2.0, abs=0.5)] * len(chosen)
+    records = verify_instances(chosen, ["IBP", "CROWN", "alpha-CROWN", "MILP"], timeout=10.0)
+    assert len(given) == len(chosen) and {r["verdict"] for r in records} == {"unknown"}
