@@ -51,15 +51,25 @@ class BoundLoss(Bounded):
     The margin lower bound mixes CROWN-IBP and IBP bounds as ``beta * crown_ibp + (1 - beta) * ibp``; an IBP loss
     is the case ``beta = 0``, and when beta is 0 the expensive CROWN-IBP pass is skipped. eps, beta and kappa follow
     one ramp (``ramp_start``, ``ramp_epochs``); a phase that starts at full eps uses ``ramp_epochs = 0``.
+
+    ``warmup_reg`` > 0 adds Shi et al.'s warm-up regularisers (:mod:`certprune.losses.warmup`, tolerance
+    ``warmup_tol``) with weight ``warmup_reg * (1 - eps_now / eps)``: on during the ramp, gone at full eps. Off by
+    default; Shi et al. use 0.5 with their IBP initialisation (``weight_init: ibp``).
     """
 
     def __init__(self, eps: float, ramp_start: float = 0.0, ramp_epochs: float = 0.0, kappa_start: float = 1.0,
-                 kappa_end: float = 0.0, beta_start: float = 1.0, beta_end: float = 0.0):
+                 kappa_end: float = 0.0, beta_start: float = 1.0, beta_end: float = 0.0, warmup_reg: float = 0.0,
+                 warmup_tol: float = 0.5):
         eps = parse_eps(eps)
         ramp = Ramp(ramp_start, ramp_epochs)
         self.eps = Interpolate(0.0, eps, ramp)
         self.kappa = Interpolate(kappa_start, kappa_end, ramp)
         self.beta = Interpolate(beta_start, beta_end, ramp)
+        if isinstance(warmup_reg, bool) or not isinstance(warmup_reg, (int, float)) or not warmup_reg >= 0:
+            raise ValueError(f"warmup_reg must be a number >= 0, got {warmup_reg!r}")
+        if isinstance(warmup_tol, bool) or not isinstance(warmup_tol, (int, float)) or not 0 < warmup_tol < 1e9:
+            raise ValueError(f"warmup_tol must be a finite number > 0, got {warmup_tol!r}")
+        self.warmup_reg, self.warmup_tol = float(warmup_reg), float(warmup_tol)
 
     def __call__(self, model, x, y, epoch):
         eps, kappa, beta = self.eps(epoch), self.kappa(epoch), self.beta(epoch)
@@ -77,14 +87,28 @@ class BoundLoss(Bounded):
             lower = proxy.margin_lower_bounds(x, y, eps, "IBP")
         robust = robust_cross_entropy(lower)
         loss = robust if kappa == 0 else kappa * natural + (1 - kappa) * robust
+        if self.warmup_reg > 0:
+            loss = self._add_warmup(loss, model, x, eps, metrics)
         metrics.update(loss=loss.detach(), robust_loss=robust.detach(),
                        verified_acc=(lower.min(1).values > 0).float().mean().detach())
         return loss, metrics
+
+    def _add_warmup(self, loss: torch.Tensor, model, x: torch.Tensor, eps: float, metrics: dict) -> torch.Tensor:
+        from ..lirpa import input_box
+        from .warmup import warmup_regulariser
+
+        weight = self.warmup_reg * (1 - eps / self.eps.end)
+        metrics["warmup_reg"] = 0.0
+        if weight <= 0:
+            return loss
+        regulariser = warmup_regulariser(model, *input_box(x, eps), self.warmup_tol)
+        metrics["warmup_reg"] = regulariser.detach()
+        return loss + weight * regulariser
 
 
 class IBPLoss(BoundLoss):
     """IBP certified training (Gowal et al. 2018): a :class:`BoundLoss` that never uses CROWN-IBP."""
 
     def __init__(self, eps: float, ramp_start: float = 0.0, ramp_epochs: float = 0.0, kappa_start: float = 1.0,
-                 kappa_end: float = 0.5):
-        super().__init__(eps, ramp_start, ramp_epochs, kappa_start, kappa_end, beta_start=0.0, beta_end=0.0)
+                 kappa_end: float = 0.5, warmup_reg: float = 0.0, warmup_tol: float = 0.5):
+        super().__init__(eps, ramp_start, ramp_epochs, kappa_start, kappa_end, 0.0, 0.0, warmup_reg, warmup_tol)
