@@ -16,10 +16,9 @@ What they share, so that each is the bound losses' sibling in every phase (pretr
 - the bounds are IBP through :mod:`certprune.lirpa`, so their gradient reaches weights and scores alike;
 - ``acc`` is the batch's clean accuracy (eval mode, no gradient), as PGD training reports it.
 
-The mixing parameter has no default: the published values range over two orders of magnitude by data set, eps and
-verifier (De Palma et al.'s MNIST eps 0.1 runs, verified by branch and bound: alpha 0.01 for MTL-IBP, 0.1 for CC-IBP;
-SABR's lambda 0.4 on MNIST, 0.1 to 0.7 on CIFAR-10), and certprune verifies with IBP and CROWN, which favour larger
-ones.
+The mixing parameter has no default: the published values differ by orders of magnitude between data sets, eps and
+verifiers (De Palma et al.'s MNIST eps 0.1 recipes, trained at eps 0.2 and verified by branch and bound: alpha 0.01
+for MTL-IBP, 0.1 for CC-IBP), and certprune verifies with IBP and CROWN, which favour values nearer the IBP end.
 """
 from __future__ import annotations
 
@@ -88,7 +87,7 @@ class _AttackThenBound(_Adversarial, Bounded):
 class SABRLoss(_AttackThenBound):
     """SABR (Müller et al., ICLR 2023): cross-entropy of the IBP worst-case logits over a small box, half-width
     ``lam * eps``, around the PGD point inside the eps box (:func:`small_box`). ``lam = 1`` is the IBP loss over
-    the whole box; ``lam = 0`` is cross-entropy at the PGD point. Müller et al. attack with 8 PGD steps."""
+    the whole box; ``lam = 0`` is cross-entropy at the PGD point. 8 PGD steps by default, as CTRAIN's SABR has."""
 
     def __init__(self, eps, lam, steps: int = 8, step_size=None, ramp_start: float = 0.0, ramp_epochs: float = 0.0):
         super().__init__(eps, steps, step_size, ramp_start, ramp_epochs)
