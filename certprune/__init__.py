@@ -1,6 +1,7 @@
 """certprune: HYDRA pruning of neural networks that stay certifiably robust.
 
-The Python API a researcher imports: masks (:mod:`certprune.masking`), losses, the training loop, the three phases
+The Python API a researcher imports: :func:`prune` and :func:`verify`, one call each on a model in memory
+(:mod:`certprune.api`); masks (:mod:`certprune.masking`), losses, the training loop, the three phases
 (:mod:`certprune.pipeline`), sweeps, and ``load_run`` for a finished run's model.
 """
 from importlib.metadata import PackageNotFoundError, version
@@ -10,6 +11,7 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-from .runs import load_run  # noqa: E402  (after __version__: the CLI reads it)
+from .api import prune, verify  # noqa: E402  (after __version__: the CLI reads it)
+from .runs import load_run  # noqa: E402
 
-__all__ = ["__version__", "load_run"]
+__all__ = ["__version__", "load_run", "prune", "verify"]

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ from . import __version__
 from .cli_common import RESUME_HINT, build_config, default_help as _default, experiment_options, one_line_errors
 from .cli_compact import compact
 from .cli_export import export
-from .config import AttackConfig, SmoothingConfig, VerifyConfig
+from .config import AttackConfig, SmoothingConfig, VerifyConfig, validate
 from .logs import setup_logging
 from .runs import CONFIG_FILE, read_config, read_metrics
 
@@ -24,7 +25,19 @@ def _pretrain_cache_dir(config) -> Path:
     """Where ``prune`` without ``--from`` keeps the dense model it pretrains: keyed by what shapes that model."""
     key = config.training_dict(dense=True)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path("runs") / "cache" / f"dense-{config.model}-{digest}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(config.model).name)  # a file's or callable's name, as a folder
+    return Path("runs") / "cache" / f"dense-{name}-{digest}"
+
+
+def _with_source_model(config, source):
+    """``config`` with the model of run ``source``: its name, and for a user's model its weights file, inputs and
+    origin, so that the pipeline's comparison of the two agrees."""
+    from .runs import load_model_file, resolve_model_path
+
+    architecture = load_model_file(resolve_model_path(source))[1]
+    origin = architecture.get("origin") or {}
+    return validate({**config.to_dict(), "model": architecture["name"], "inputs": architecture.get("inputs") or {},
+                     "weights": origin.get("weights", {}).get("file"), "model_origin": architecture.get("origin")})
 
 
 def _start(device_spec):
@@ -89,21 +102,27 @@ def pretrain(out, resume, **options):
 @click.option("--granularity", help="What a mask keeps: weight (default) or channel (whole output channels).")
 @click.option("--from", "source", type=click.Path(), help="Run directory (or model.pt) to prune; default: "
               "pretrain the config's dense model once and cache it under runs/cache.")
+@click.option("--pretrain", "train_dense", is_flag=True, help="Without --from, train a model of your own (a file, "
+              "a callable or --weights) with the config's pretrain phase first; else its own weights are the dense "
+              "starting point. A registry model is always pretrained.")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [runs/<method>-<loss>-k<k>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last epoch, with its settings.")
 @one_line_errors(RESUME_HINT)
-def prune(k, method, allocation, granularity, source, out, resume, **options):
+def prune(k, method, allocation, granularity, source, train_dense, out, resume, **options):
     """Prune to a fraction k of the weights (score training, then fine-tuning), then evaluate."""
     from .evaluation import evaluate_configured
     from .pipeline import pretrain as run_pretrain, prune as run_prune, stored_identity
     from .quantities import check_k
-    from .runs import load_model_file, resolve_model_path
+    from .sources import is_given
 
     stored = stored_identity(out) if resume and out else {}
     if k is None and "k" not in stored:
         raise ValueError("--k is required: the fraction of weights to keep, in (0, 1]")
     k = check_k(k if k is not None else stored["k"])
     method = method or stored.get("method", "hydra")
+    if source is not None and (train_dense or options.get("weights")):
+        raise ValueError(f"--from gives the dense model; {'--pretrain' if train_dense else '--weights'} is for a "
+                         "prune without it")
     source = source or stored.get("source")
     extra = [{"prune": {"allocation": allocation}}] if allocation else []
     extra += [{"prune": {"granularity": granularity}}] if granularity else []
@@ -111,12 +130,16 @@ def prune(k, method, allocation, granularity, source, out, resume, **options):
     config = build_config(**options, base=resumed, extra=extra)
     device = _start(config.device)
     if source is not None and options.get("model") is None and resumed is None:  # the model is the source's
-        config = config.model_copy(update={"model": load_model_file(resolve_model_path(source))[1]["name"]})
+        config = _with_source_model(config, source)
     if source is None:
+        own = is_given(config.model, config.weights) and not train_dense
+        if own:  # the model's own weights are the dense starting point: a dense run of no epochs keeps them
+            config = config.model_copy(update={"pretrain": config.pretrain.model_copy(update={"epochs": 0})})
         source = _pretrain_cache_dir(config)
         if not (source / "model.pt").exists():
-            logging.getLogger("certprune").info("no --from given: pretraining the dense model into %s", source)
-            run_pretrain(config, source, resume=True)
+            run_pretrain(config, source, resume=True)  # said once it is there: a bad model or data stays one line
+            logging.getLogger("certprune").info("no --from given: the dense model (%s) is in %s", "its own weights"
+                                                if own else "pretrained", source)
     out = out or f"runs/{method}-{config.loss_name}-k{k:g}"
     run_prune(config, out, k, method, source, resume=resume)
     evaluate_configured(out, config, device)

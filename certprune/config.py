@@ -18,6 +18,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from .overrides import EVALUATION_SECTIONS, ConfigError, merge, parse_override, renamed  # noqa: F401  (parse_override: the API's)
 from .quantities import Alpha, Epochs, Eps, K, NonNegativeFloat, PositiveFloat, PositiveInt, Sigma, parse_eps
+from .inputs import InputConfig
+from .sources import REGISTRY, check_settings
 
 log = logging.getLogger("certprune")
 
@@ -136,7 +138,10 @@ NOT_TRAINING = (*EVALUATION_SECTIONS, "device", "k", "seeds", "allocations", "pr
 class Config(Section):
     dataset: str = "mnist-embedded"
     data_dir: str | None = None
-    model: str = "cnn-small"
+    model: str = "cnn-small"  # a registry name, a file.onnx, or module:factory / file.py:factory (certprune.sources)
+    weights: str | None = None  # a state_dict file the model starts from (a callable's or a registry model's)
+    inputs: InputConfig = Field(default_factory=InputConfig)
+    model_origin: dict[str, Any] | None = None  # not a setting: the model's files and sha256 when the run started
     weight_init: str = "default"  # the dense model's weights before pretraining: default (torch's) | ibp (Shi et al.)
     seed: Annotated[StrictInt, Field(ge=0)] = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:<index> (certprune.devices); torchrun: each process its GPU
@@ -164,18 +169,15 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_names(self) -> "Config":
-        from .data import DATASETS
+        from .data import check_dataset_name
         from .losses import check_loss
         from .masking import ALLOCATIONS
-        from .models import MODELS, VERIFIABLE, WEIGHT_INITS
 
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset: unknown dataset {self.dataset!r}; choose from {', '.join(DATASETS)}")
-        if self.model not in MODELS:
-            raise ValueError(f"model: unknown model {self.model!r}; choose from {', '.join(sorted(MODELS))}")
-        inits = WEIGHT_INITS if self.model in VERIFIABLE else ("default",)  # ibp lacks Shi et al.'s residual halving
-        if self.weight_init not in inits:
-            raise ValueError(f"weight_init: {self.weight_init!r}; model {self.model} takes {', '.join(inits)}")
+        try:
+            check_dataset_name(self.dataset)
+        except ValueError as error:
+            raise ValueError(f"dataset: {error}") from None
+        registry = check_settings(self) == REGISTRY
         if not isinstance(self.loss.get("name"), str):
             raise ValueError("loss: needs a name, e.g. loss.name=crown-ibp")
         self.loss = _numeric_budgets(self.loss)
@@ -196,7 +198,8 @@ class Config(Section):
         for allocation in [self.prune.allocation, *(self.allocations or [])]:
             if allocation not in ALLOCATIONS:
                 raise ValueError(f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}")
-            _check_granularity(self.prune.granularity, allocation, self.model, self.prune.channel_scores)
+            _check_granularity(self.prune.granularity, allocation, self.model if registry else None,
+                               self.prune.channel_scores)  # a user's model is checked once built (certprune.sources)
         _check_augment(self.augment, self.dataset)
         return self
 
@@ -234,14 +237,15 @@ def _numeric_budgets(loss: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _check_granularity(granularity: str, allocation: str, model: str, channel_scores: str = "channel") -> None:
-    """An unknown granularity, an allocation it does not take, channel scores unknown or without channels, or a model
-    whose channels cannot be removed one layer at a time (residual networks), refused here, before any pretraining."""
+def _check_granularity(granularity: str, allocation: str, model: str | None, channel_scores: str = "channel") -> None:
+    """An unknown granularity, an allocation it does not take, channel scores unknown or without channels, or a
+    registry ``model`` whose channels cannot be removed one layer at a time (residual networks), refused here, before
+    any pretraining."""
     from . import masking
     from .models import create_model
 
-    masking.check_granularity(granularity, allocation, create_model(model) if granularity == "channel" else None,
-                              channel_scores)
+    masking.check_granularity(granularity, allocation, create_model(model) if granularity == "channel" and model
+                              else None, channel_scores)
 
 
 def _check_augment(names: list[str], dataset: str) -> None:

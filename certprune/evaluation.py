@@ -24,6 +24,7 @@ from . import distributed
 from .certify import attack, autoattack, smoothing_run, verify, verify_run
 from .config import AttackConfig, AutoAttackConfig, Config, SmoothingConfig, VerifyConfig, validate
 from .data import Dataset, load_dataset, select_images
+from .model_checks import check_milp
 from .runs import (RunError, check_writable, load_run, locked, read_config, read_metrics,
                    record_evaluation, resolve_model_path)
 
@@ -102,10 +103,11 @@ def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None], device: torch.device | str = "cpu",
                  restart: bool = False, warn: Callable[[str], None] | None = None,
-                 data: Dataset | None = None, config: Config | None = None) -> dict[str, dict[str, Any]]:
+                 data: Dataset | None = None, config: Config | None = None,
+                 model: nn.Module | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate a finished run: ``requests`` maps a section to settings on top of the run's own (``{}`` = the run's
-    own settings). ``config`` replaces the run's saved config as that base (a sweep evaluates with its own), and
-    ``data`` the data set it names (API callers with their own tensors).
+    own settings). ``config`` replaces the run's saved config as that base (a sweep evaluates with its own), ``data``
+    the data set it names and ``model`` the run's model (API callers with their own tensors and module).
     Returns the records written, by key. Rank 0 writes; under torchrun every rank evaluates its share.
     """
     model_path = resolve_model_path(source)
@@ -119,7 +121,10 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
     check_writable(run_dir)
     with locked(run_dir, create=False) if distributed.is_main() else contextlib.nullcontext():
         data = data or load_dataset(config.dataset, config.data_dir)
-        model = load_run(model_path).to(device)
+        model = (model if model is not None else load_run(model_path)).to(device)
+        for section, settings, _ in plans:  # before the first image: a stage the model cannot take
+            if section == "verify" and "MILP" in settings.bound_methods:
+                check_milp(model, config.model)
         x_all, y_all = data.test_x.to(device), data.test_y.to(device)
         clean: dict[tuple, float] = {}
         records = {}

@@ -20,14 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed, masking
+from . import distributed, masking, model_checks, sources
 from .atomic import atomic_write_text
 from .config import Config, PhaseConfig
 from .data import Dataset, load_dataset
 from .devices import deterministic, model_device, resolve_device
 from .losses import make_loss
-from .models import initialise
-from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, build_model, code_version, differences, is_finished,
+from .runs import (CHECKPOINT_FILE, MODEL_FILE, RunError, code_version, differences, is_finished,
                    load_model_file, load_state, locked, read_config, read_metrics, resolve_model_path, safe_load,
                    save_checkpoint, save_model, write_config, write_metrics)
 from .train import fit
@@ -202,6 +201,8 @@ def _finish(model: nn.Module, config: Config, run_dir: Path, architecture: dict[
     if facts.get("granularity") == "channel":
         facts["kept_channels_per_layer"] = {name: list(c) for name, c in masking.channel_counts(model).items()}
     seconds = facts.pop("train_seconds", 0.0)
+    facts.update({name: architecture[key] for key, name in (("origin", "model_origin"), ("inputs", "inputs"))
+                  if key in architecture})  # a user's model: where it came from, what it expects of its images
     metrics = {**facts, "sparsity": masking.sparsity(model), "kept_per_layer": layers, "dataset": config.dataset,
                "model": architecture["name"], "loss": config.loss_name, "seed": config.seed, "seconds": seconds,
                "torch_threads": torch.get_num_threads(), "code": code_version()}  # reproducible at the same of both
@@ -235,16 +236,15 @@ def pretrain(config: Config, run_dir: str | Path, resume: bool = False, data: Da
         device = resolve_device(config.device)
         loaded = data_on(data or load_data(config), device)
         torch.manual_seed(config.seed)
-        architecture = {"name": config.model, "kwargs": loaded.shape()}
-        model = initialise(build_model(architecture), config.weight_init).to(device)
-        return model, architecture, loaded, [("pretrain", config.pretrain)], {"method": "dense", "k": 1.0}
+        model, architecture = sources.build(config, loaded)
+        return model.to(device), architecture, loaded, [("pretrain", config.pretrain)], {"method": "dense", "k": 1.0}
 
     return _run(Path(run_dir), config, {"command": "pretrain"}, resume, build)
 
 
-def prune(config: Config, run_dir: str | Path, k: float, method: str, source: str | Path, resume: bool = False,
-          data: Dataset | None = None) -> dict[str, Any]:
-    """Prune the model of run ``source`` to a fraction ``k`` of its weights and fine-tune it.
+def prune(config: Config, run_dir: str | Path, k: float, method: str, source: str | Path | nn.Module,
+          resume: bool = False, data: Dataset | None = None) -> dict[str, Any]:
+    """Prune the model of run ``source`` (or a dense ``nn.Module``, the API's) to a fraction ``k`` of its weights.
 
     ``hydra``: scores (scaled init) trained under the loss for ``prune.epochs``, then weights for
     ``finetune.epochs``. ``lwm``: the least-weight-magnitude mask, then weights for the same total number of
@@ -253,21 +253,32 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
     k = masking.check_k(k)
     if method not in PRUNE_METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(PRUNE_METHODS)}")
-    identity = {"command": "prune", "method": method, "k": k, "source": str(Path(source).resolve())}
+    given = source if isinstance(source, nn.Module) else None  # the API's model: its config names it memory:<class>
+    named = config.model if given is not None else None
+    identity = {"command": "prune", "method": method, "k": k, "source": named or str(Path(source).resolve())}
 
-    def build():
-        device = resolve_device(config.device)
+    def load_source() -> tuple[nn.Module, dict[str, Any]]:
         model, architecture = load_model_file(resolve_model_path(source))
         if architecture["name"] != config.model:
             raise RunError(f"{source} holds a {architecture['name']} model, but the config asks for {config.model}")
+        if changed := differences({"model_origin": architecture.get("origin"), "inputs": architecture.get("inputs")},
+                                  {"model_origin": config.model_origin, "inputs": sources.inputs_of(config)}):
+            raise RunError(f"{source} holds a model made otherwise than the config says ({'; '.join(changed[:2])})")
         trained = read_config(resolve_model_path(source).parent)
         if trained is not None and (trained.dataset, trained.data_dir) != (config.dataset, config.data_dir):
             raise RunError(f"{source} was trained on {trained.dataset}, but the config prunes on {config.dataset}")
         if trained is not None and trained.weight_init != config.weight_init:  # the pruned run records the config's
             raise RunError(f"{source} was pretrained with weight_init {trained.weight_init}, but the config says "
                            f"{config.weight_init}; set weight_init: {trained.weight_init}")
+        model_checks.check(model, config)
+        return model, architecture
+
+    def build():
+        device = resolve_device(config.device)
+        model, architecture = load_source() if given is None else (None, None)
         loaded = data_on(data or load_data(config), device)
-        if architecture["kwargs"] != loaded.shape():
+        model, architecture = (model, architecture) if given is None else sources.build(config, loaded, given)
+        if architecture["kwargs"] != loaded.shape():  # a given model is built for the data's shape
             raise RunError(f"{source} was trained on inputs {architecture['kwargs']}, "
                            f"but {config.dataset} has {loaded.shape()}")
         model = model.to(device)
@@ -280,7 +291,7 @@ def prune(config: Config, run_dir: str | Path, k: float, method: str, source: st
         else:
             total = config.prune.epochs + config.finetune.epochs
             phases = [("finetune", config.finetune.model_copy(update={"epochs": total}))]
-        facts = {"method": method, "k": k, "source": str(source), "allocation": config.prune.allocation,
+        facts = {"method": method, "k": k, "source": named or str(source), "allocation": config.prune.allocation,
                  "granularity": config.prune.granularity}
         if config.prune.granularity == "channel" and method == "hydra":  # LWM ranks filter L1 norms either way
             facts["channel_scores"] = config.prune.channel_scores

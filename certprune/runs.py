@@ -27,6 +27,7 @@ from . import masking
 from .atomic import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from .config import Config, ConfigError, config_text, load_config
 from .models import create_model
+from .sources import rebuild
 
 FORMAT = "certprune/1"
 MODEL_FILE, CHECKPOINT_FILE, METRICS_FILE, CONFIG_FILE = "model.pt", "checkpoint.pt", "metrics.json", "config.yaml"
@@ -191,8 +192,12 @@ def save_model(model: nn.Module, path: Path, architecture: dict[str, Any]) -> No
 
 
 def build_model(architecture: dict[str, Any]) -> nn.Module:
-    """The registry's model, narrowed to the stored ``widths`` (output channels per layer) of a compact run."""
-    model = create_model(architecture["name"], **architecture["kwargs"])
+    """The registry's model, or a user's rebuilt from the ``origin`` it records (:func:`certprune.sources.rebuild`),
+    narrowed to the stored ``widths`` (output channels per layer) of a compact run."""
+    if "origin" in architecture:
+        model = rebuild(architecture)
+    else:
+        model = create_model(architecture["name"], **architecture["kwargs"])
     widths = architecture.get("widths")
     return masking.narrowed(model, {name: range(width) for name, width in widths.items()}) if widths else model
 
