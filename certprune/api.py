@@ -25,13 +25,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-MEMORY = "memory"
-
 
 def _dataset(data, model: nn.Module, split: str):
     """``data`` as a :class:`Dataset`: itself, a data set's name loaded, or tensors (a torch dataset's pairs stacked)
     as ``split``, checked as an npz file's arrays are, with one class per output of ``model``."""
-    from .data import Dataset, from_arrays, load_dataset
+    from .data import IN_MEMORY, Dataset, from_arrays, load_dataset
+    from .devices import model_device
 
     if isinstance(data, Dataset):
         return data
@@ -45,10 +44,10 @@ def _dataset(data, model: nn.Module, split: str):
     else:
         raise ValueError(f"data: a certprune Dataset, a data set's name, (images, labels) tensors or a torch dataset "
                          f"of (image, label) pairs, not a {type(data).__name__}")
-    dataset = from_arrays(f"{MEMORY}:{type(data).__name__}", **{f"x_{split}": images, f"y_{split}": labels})
+    dataset = from_arrays(f"{IN_MEMORY}:{type(data).__name__}", **{f"x_{split}": images, f"y_{split}": labels})
     x = dataset.train_x if split == "train" else dataset.test_x
     with torch.no_grad():
-        classes = int(copy.deepcopy(model).eval()(x[:1]).shape[-1])
+        classes = int(copy.deepcopy(model).eval()(x[:1].to(model_device(model))).shape[-1])
     if dataset.num_classes > classes:
         raise ValueError(f"{dataset.name}: label {dataset.num_classes - 1} is outside the model's {classes} classes")
     dataset.num_classes = classes
@@ -58,14 +57,14 @@ def _dataset(data, model: nn.Module, split: str):
 def _config(model: nn.Module, data, settings: dict[str, Any]):
     """The config of a run on ``model`` (named by its class) and ``data``, with ``settings`` on top, validated whole."""
     from .config import load_config
-    from .data import check_dataset_name
-    from .sources import with_origin
+    from .data import IN_MEMORY, check_dataset_name
+    from .sources import MEMORY, with_origin
 
     try:
         check_dataset_name(data.name)
         name = data.name
     except ValueError:  # a Dataset the caller made, under a name of its own
-        name = f"{MEMORY}:{data.name}"
+        name = f"{IN_MEMORY}:{data.name}"
     model_name = f"{MEMORY}:{type(model).__module__}.{type(model).__qualname__}"
     return with_origin(load_config(None, [{"model": model_name, "dataset": name}, settings]))
 

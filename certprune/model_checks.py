@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import masking
+from .devices import model_device
 from .models import Normalize
 
 # The layers certify/milp_encoding.py encodes (its SUPPORTED; a test keeps the two equal): the core names them
@@ -27,7 +28,7 @@ def first_line(error: Exception) -> str:
 
 def check_fits(model: nn.Module, data, spec: str) -> None:
     """One forward pass of a training image: the model takes the data set's images and gives one logit per class."""
-    sample = data.train_x[:2]
+    sample = data.train_x[:2].to(model_device(model))  # the data may already sit on the GPU, the model not yet
     training = model.training
     try:
         with torch.no_grad():

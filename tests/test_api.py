@@ -68,6 +68,8 @@ def test_verify_gives_the_command_lines_figures_for_the_same_model_and_images(tm
     figures = ("clean_acc", "verified_acc", "verified_acc_ibp", "verified_extra_crown")
     assert {key: api[key] for key in figures} == {key: cli[key] for key in figures} and api["images"] == cli["images"]
     assert (tmp_path / "api" / "verify[eps=0.02].tsv").is_file()
+    pairs = torch.utils.data.TensorDataset(load_dataset(TINY).test_x, load_dataset(TINY).test_y)
+    assert certprune.verify(model, pairs, eps=0.02, methods=("IBP",))["verified_acc"] == cli["verified_acc_ibp"]
     with pytest.raises(certprune.runs.RunError, match="already holds a model; verify into a new directory"):
         certprune.verify(model, load_dataset(TINY), eps=0.02, out=tmp_path / "api")
 
