@@ -4,7 +4,8 @@ Every loss is timed in one run, interleaved round by round (so load from other p
 same batch; a step is the loss, its backward pass and an optimizer step, as the training loop takes it. The report
 is each loss's median seconds per step and its ratio to the IBP step; ``--out`` writes them as JSON.
 The expressive losses run at their papers' attack steps (SABR 8, the others 1) unless ``--steps`` says otherwise;
-``crown-ibp`` is timed at beta 1 (its cost during the eps ramp; after it, beta 0 costs an IBP step).
+``crown-ibp`` is timed at beta 1 (its cost during the eps ramp; after it, beta 0 costs an IBP step), IBP with Shi et
+al.'s warm-up regularisers halfway up its ramp (at full eps they cost nothing).
 
     .venv/bin/python benchmarks/bench_losses.py [--model cnn-small] [--k 0.1] [--rounds 20] [--out losses.json]
 """
@@ -25,15 +26,17 @@ from certprune.models import create_model
 
 
 def losses(eps: float, steps: int | None) -> dict:
-    """The losses to time, by the name the report gives them; IBP at kappa 0 (the robust loss alone)."""
+    """The losses to time, by the name the report gives them, each with the epoch it is called at; IBP at kappa 0
+    (the robust loss alone)."""
     attack = {} if steps is None else {"steps": steps}
     sabr_steps, mixed_steps = (8, 1) if steps is None else (steps, steps)
-    return {"ibp": make_loss("ibp", eps=eps, kappa_end=0.0),
-            "natural": make_loss("natural"),
-            "crown-ibp (beta 1)": make_loss("crown-ibp", eps=eps, kappa_end=0.0, beta_end=1.0),
-            f"pgd-{mixed_steps}": make_loss("pgd", eps=eps, steps=mixed_steps),
-            f"sabr (pgd-{sabr_steps})": make_loss("sabr", eps=eps, lam=0.4, **attack),
-            **{f"{name} (pgd-{mixed_steps})": make_loss(name, eps=eps, alpha=0.5, **attack)
+    return {"ibp": (make_loss("ibp", eps=eps, kappa_end=0.0), 0.0),
+            "natural": (make_loss("natural"), 0.0),
+            "crown-ibp (beta 1)": (make_loss("crown-ibp", eps=eps, kappa_end=0.0, beta_end=1.0), 0.0),
+            "ibp + warm-up reg": (make_loss("ibp", eps=eps, kappa_end=0.0, ramp_epochs=2, warmup_reg=0.5), 1.0),
+            f"pgd-{mixed_steps}": (make_loss("pgd", eps=eps, steps=mixed_steps), 0.0),
+            f"sabr (pgd-{sabr_steps})": (make_loss("sabr", eps=eps, lam=0.4, **attack), 0.0),
+            **{f"{name} (pgd-{mixed_steps})": (make_loss(name, eps=eps, alpha=0.5, **attack), 0.0)
                for name in ("mtl-ibp", "cc-ibp", "exp-ibp")}}
 
 
@@ -68,11 +71,11 @@ def main() -> None:
     x, y = data.train_x[:args.batch_size].to(device), data.train_y[:args.batch_size].to(device)
     times: dict[str, list[float]] = {name: [] for name in timed}
     for round_ in range(args.rounds + 2):  # two warm-up rounds
-        for name, loss in timed.items():
+        for name, (loss, epoch) in timed.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-            value, _ = loss(model, x, y, 0.0)
+            value, _ = loss(model, x, y, epoch)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

@@ -1,4 +1,4 @@
-"""Specification of Shi et al. (2021)'s warm-up regularisers, an option of the bound losses.
+"""Specification of Shi et al. (2021)'s warm-up regularisers, an option of every certified-training loss.
 
 The hand-computed case: one input ``x = 0.5``, eps 0.1 (half-width 0.1), into three ReLUs with weights 2 and biases
 -0.5, -1.3, -0.9: centres 0.5, -0.3, 0.1, half-width 0.2 each, so one unit active, one inactive, one unstable.
@@ -56,24 +56,31 @@ def test_the_intervals_are_auto_lirpas_ibp_bounds(k):
         assert torch.allclose(low, their_low, atol=1e-4) and torch.allclose(up, their_up, atol=1e-4)
 
 
-def test_the_bound_losses_add_it_weighted_by_how_far_eps_is_from_its_target():
+@pytest.mark.parametrize("name, params", [("ibp", {"kappa_start": 0.0, "kappa_end": 0.0}),
+                                          ("crown-ibp", {"kappa_start": 0.0}), ("sabr", {"lam": 0.5}),
+                                          ("mtl-ibp", {"alpha": 0.5}), ("cc-ibp", {"alpha": 0.5}),
+                                          ("exp-ibp", {"alpha": 0.5})])
+def test_the_certified_losses_add_it_weighted_by_how_far_eps_is_from_its_target(name, params):
     """eps ramps 0 -> 0.2 over epochs 0..2: at epoch 1 eps is 0.1 (the hand case) and the weight 0.4 * (1 - 1/2)."""
     x, y = torch.tensor([[0.5]]), torch.tensor([0])
-    for name in ("ibp", "crown-ibp"):
-        settings = {"eps": 0.2, "ramp_epochs": 2, "kappa_start": 0.0, "kappa_end": 0.0}
-        plain, _ = make_loss(name, **settings)(hand_net(), x, y, 1.0)
-        loss, metrics = make_loss(name, warmup_reg=0.4, warmup_tol=0.8, **settings)(hand_net(), x, y, 1.0)
-        assert (loss - plain).item() == pytest.approx(0.2 * HAND, abs=1e-6)
-        assert metrics["warmup_reg"].item() == pytest.approx(HAND, abs=1e-6)
-        at_target, metrics = make_loss(name, warmup_reg=0.4, warmup_tol=0.8, **settings)(hand_net(), x, y, 2.0)
-        assert at_target.item() == make_loss(name, **settings)(hand_net(), x, y, 2.0)[0].item()
-        assert metrics["warmup_reg"] == 0.0
+
+    def loss_at(epoch, **warmup):
+        torch.manual_seed(0)  # the same PGD start, where the loss attacks
+        return make_loss(name, eps=0.2, ramp_epochs=2, **params, **warmup)(hand_net(), x, y, epoch)
+
+    (plain, _), (loss, metrics) = loss_at(1.0), loss_at(1.0, warmup_reg=0.4, warmup_tol=0.8)
+    assert (loss - plain).item() == pytest.approx(0.2 * HAND, abs=1e-6)
+    assert metrics["warmup_reg"].item() == pytest.approx(HAND, abs=1e-6)
+    (at_target, metrics), (plain, _) = loss_at(2.0, warmup_reg=0.4, warmup_tol=0.8), loss_at(2.0)
+    assert at_target.item() == plain.item() and metrics["warmup_reg"] == 0.0
 
 
-def test_it_is_off_by_default():
-    loss = make_loss("ibp", eps=0.1)
-    assert loss.warmup_reg == 0 and "warmup_reg" not in loss(hand_net(), torch.tensor([[0.5]]), torch.tensor([0]),
-                                                             1.0)[1]
+@pytest.mark.parametrize("name, params", [("ibp", {}), ("crown-ibp", {}), ("sabr", {"lam": 0.5}),
+                                          ("cc-ibp", {"alpha": 0.5})])
+def test_it_is_off_by_default(name, params):
+    loss = make_loss(name, eps=0.2, ramp_epochs=2, **params)
+    metrics = loss(hand_net(), torch.tensor([[0.5]]), torch.tensor([0]), 1.0)[1]
+    assert loss.warmup_reg == 0 and "warmup_reg" not in metrics
 
 
 def test_its_gradient_reaches_the_scores_of_every_layer_before_the_last_relu():
@@ -89,8 +96,9 @@ def test_its_gradient_reaches_the_scores_of_every_layer_before_the_last_relu():
                                              ({"warmup_reg": "yes"}, "warmup_reg must be a number"),
                                              ({"warmup_tol": 0}, "warmup_tol must be a finite number > 0")])
 def test_bad_settings_are_one_line_errors(params, message):
-    with pytest.raises(ValueError, match=message):
-        make_loss("ibp", eps=0.1, **params)
+    for name, required in [("ibp", {}), ("mtl-ibp", {"alpha": 0.5})]:
+        with pytest.raises(ValueError, match=message):
+            make_loss(name, eps=0.1, **required, **params)
 
 
 def test_a_layer_it_cannot_bound_is_named():

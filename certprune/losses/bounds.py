@@ -22,9 +22,36 @@ def robust_cross_entropy(margin_lower: torch.Tensor) -> torch.Tensor:
 
 class Bounded:
     """What a loss that bounds its model keeps: one :class:`~certprune.lirpa.BoundedProxy`, rebuilt only when the
-    model it follows changes (building one traces the network)."""
+    model it follows changes (building one traces the network), and Shi et al.'s warm-up regularisers
+    (:mod:`certprune.losses.warmup`), which it adds with weight ``warmup_reg * (1 - eps_now / eps)``: on during the
+    eps ramp, gone at full eps. Off (``warmup_reg = 0``) by default; Shi et al. and De Palma et al. use 0.5 (with
+    ``warmup_tol`` 0.5) from the IBP initialisation (``weight_init: ibp``)."""
 
     _proxy = None
+    warmup_reg, warmup_tol = 0.0, 0.5
+
+    def set_warmup(self, warmup_reg: float, warmup_tol: float) -> None:
+        if isinstance(warmup_reg, bool) or not isinstance(warmup_reg, (int, float)) or not warmup_reg >= 0:
+            raise ValueError(f"warmup_reg must be a number >= 0, got {warmup_reg!r}")
+        if isinstance(warmup_tol, bool) or not isinstance(warmup_tol, (int, float)) or not 0 < warmup_tol < 1e9:
+            raise ValueError(f"warmup_tol must be a finite number > 0, got {warmup_tol!r}")
+        self.warmup_reg, self.warmup_tol = float(warmup_reg), float(warmup_tol)
+
+    def add_warmup(self, loss: torch.Tensor, model: nn.Module, x: torch.Tensor, eps: float, target_eps: float,
+                   metrics: dict) -> torch.Tensor:
+        """``loss`` plus the weighted regularisers over the eps box (recorded as ``warmup_reg``, when switched on)."""
+        if self.warmup_reg == 0:
+            return loss
+        from ..lirpa import input_box
+        from .warmup import warmup_regulariser
+
+        weight = self.warmup_reg * (1 - eps / target_eps)
+        metrics["warmup_reg"] = 0.0
+        if weight <= 0:
+            return loss
+        regulariser = warmup_regulariser(model, *input_box(x, eps), self.warmup_tol)
+        metrics["warmup_reg"] = regulariser.detach()
+        return loss + weight * regulariser
 
     def proxy(self, model: nn.Module, x: torch.Tensor):
         from ..distributed import unwrap
@@ -51,10 +78,7 @@ class BoundLoss(Bounded):
     The margin lower bound mixes CROWN-IBP and IBP bounds as ``beta * crown_ibp + (1 - beta) * ibp``; an IBP loss
     is the case ``beta = 0``, and when beta is 0 the expensive CROWN-IBP pass is skipped. eps, beta and kappa follow
     one ramp (``ramp_start``, ``ramp_epochs``); a phase that starts at full eps uses ``ramp_epochs = 0``.
-
-    ``warmup_reg`` > 0 adds Shi et al.'s warm-up regularisers (:mod:`certprune.losses.warmup`, tolerance
-    ``warmup_tol``) with weight ``warmup_reg * (1 - eps_now / eps)``: on during the ramp, gone at full eps. Off by
-    default; Shi et al. use 0.5 with their IBP initialisation (``weight_init: ibp``).
+    ``warmup_reg``, ``warmup_tol``: Shi et al.'s warm-up regularisers (see :class:`Bounded`).
     """
 
     def __init__(self, eps: float, ramp_start: float = 0.0, ramp_epochs: float = 0.0, kappa_start: float = 1.0,
@@ -65,11 +89,7 @@ class BoundLoss(Bounded):
         self.eps = Interpolate(0.0, eps, ramp)
         self.kappa = Interpolate(kappa_start, kappa_end, ramp)
         self.beta = Interpolate(beta_start, beta_end, ramp)
-        if isinstance(warmup_reg, bool) or not isinstance(warmup_reg, (int, float)) or not warmup_reg >= 0:
-            raise ValueError(f"warmup_reg must be a number >= 0, got {warmup_reg!r}")
-        if isinstance(warmup_tol, bool) or not isinstance(warmup_tol, (int, float)) or not 0 < warmup_tol < 1e9:
-            raise ValueError(f"warmup_tol must be a finite number > 0, got {warmup_tol!r}")
-        self.warmup_reg, self.warmup_tol = float(warmup_reg), float(warmup_tol)
+        self.set_warmup(warmup_reg, warmup_tol)
 
     def __call__(self, model, x, y, epoch):
         eps, kappa, beta = self.eps(epoch), self.kappa(epoch), self.beta(epoch)
@@ -87,23 +107,10 @@ class BoundLoss(Bounded):
             lower = proxy.margin_lower_bounds(x, y, eps, "IBP")
         robust = robust_cross_entropy(lower)
         loss = robust if kappa == 0 else kappa * natural + (1 - kappa) * robust
-        if self.warmup_reg > 0:
-            loss = self._add_warmup(loss, model, x, eps, metrics)
+        loss = self.add_warmup(loss, model, x, eps, self.eps.end, metrics)
         metrics.update(loss=loss.detach(), robust_loss=robust.detach(),
                        verified_acc=(lower.min(1).values > 0).float().mean().detach())
         return loss, metrics
-
-    def _add_warmup(self, loss: torch.Tensor, model, x: torch.Tensor, eps: float, metrics: dict) -> torch.Tensor:
-        from ..lirpa import input_box
-        from .warmup import warmup_regulariser
-
-        weight = self.warmup_reg * (1 - eps / self.eps.end)
-        metrics["warmup_reg"] = 0.0
-        if weight <= 0:
-            return loss
-        regulariser = warmup_regulariser(model, *input_box(x, eps), self.warmup_tol)
-        metrics["warmup_reg"] = regulariser.detach()
-        return loss + weight * regulariser
 
 
 class IBPLoss(BoundLoss):

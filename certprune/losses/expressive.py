@@ -14,6 +14,8 @@ What they share, so that each is the bound losses' sibling in every phase (pretr
   generator, which the pipeline seeds and checkpoints), run in eval mode at the scheduled eps, its step size scaled
   with eps as PGD training's is (``steps``; ``step_size`` defaults to ``2.5 * eps / steps``);
 - the bounds are IBP through :mod:`certprune.lirpa`, so their gradient reaches weights and scores alike;
+- ``warmup_reg``, ``warmup_tol``: Shi et al.'s warm-up regularisers, as for the bound losses (off by default; De
+  Palma et al.'s recipes use them, from the IBP initialisation);
 - ``acc`` is the batch's clean accuracy (eval mode, no gradient), as PGD training reports it.
 
 The mixing parameter has no default: the published values differ by orders of magnitude between data sets, eps and
@@ -60,8 +62,10 @@ class _AttackThenBound(_Adversarial, Bounded):
     """The eps ramp, the PGD attack at the scheduled eps, the bounded proxy; subclasses say what to bound and how
     to mix (:meth:`robust`)."""
 
-    def __init__(self, eps, steps: int, step_size, ramp_start: float, ramp_epochs: float):
+    def __init__(self, eps, steps: int, step_size, ramp_start: float, ramp_epochs: float, warmup_reg: float,
+                 warmup_tol: float):
         super().__init__(eps, "linf", steps, step_size, 1, ramp_start, ramp_epochs)
+        self.set_warmup(warmup_reg, warmup_tol)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, epoch: float):
         attack = self.attack_at(epoch)
@@ -73,6 +77,7 @@ class _AttackThenBound(_Adversarial, Bounded):
         with eval_mode(model), torch.no_grad():
             clean_acc = accuracy(model(x), y)
         loss, metrics = self.robust(model, x, y, x_adv, attack.eps)
+        loss = self.add_warmup(loss, model, x, attack.eps, self.eps.end, metrics)
         return loss, {"loss": loss.detach(), "acc": clean_acc, "eps": attack.eps, **metrics}
 
     def robust(self, model, x, y, x_adv, eps) -> tuple[torch.Tensor, dict]:
@@ -89,8 +94,9 @@ class SABRLoss(_AttackThenBound):
     ``lam * eps``, around the PGD point inside the eps box (:func:`small_box`). ``lam = 1`` is the IBP loss over
     the whole box; ``lam = 0`` is cross-entropy at the PGD point. 8 PGD steps by default, as CTRAIN's SABR has."""
 
-    def __init__(self, eps, lam, steps: int = 8, step_size=None, ramp_start: float = 0.0, ramp_epochs: float = 0.0):
-        super().__init__(eps, steps, step_size, ramp_start, ramp_epochs)
+    def __init__(self, eps, lam, steps: int = 8, step_size=None, ramp_start: float = 0.0, ramp_epochs: float = 0.0,
+                 warmup_reg: float = 0.0, warmup_tol: float = 0.5):
+        super().__init__(eps, steps, step_size, ramp_start, ramp_epochs, warmup_reg, warmup_tol)
         self.lam = _fraction(lam, "SABR lam (the small box's size relative to eps)")
 
     def robust(self, model, x, y, x_adv, eps):
@@ -104,8 +110,8 @@ class _Mixed(_AttackThenBound):
     De Palma et al. attack with one step (of a size that reaches the box's corners, as ``2.5 * eps`` does)."""
 
     def __init__(self, eps, alpha, steps: int = 1, step_size=None, ramp_start: float = 0.0,
-                 ramp_epochs: float = 0.0):
-        super().__init__(eps, steps, step_size, ramp_start, ramp_epochs)
+                 ramp_epochs: float = 0.0, warmup_reg: float = 0.0, warmup_tol: float = 0.5):
+        super().__init__(eps, steps, step_size, ramp_start, ramp_epochs, warmup_reg, warmup_tol)
         self.alpha = _fraction(alpha, f"{type(self).__name__} alpha")
 
     def robust(self, model, x, y, x_adv, eps):
