@@ -31,8 +31,8 @@ class InputConfig(BaseModel):
     def _check(self) -> "InputConfig":
         if not self.range[0] < self.range[1]:
             raise ValueError(f"range must be [low, high] with low < high, got {list(self.range)}")
-        if self.std is not None and 0 in self.std:
-            raise ValueError(f"std must not be 0, got {self.std}")
+        if self.std is not None and min(self.std) <= 0:  # a decreasing map would swap the bounds of every box
+            raise ValueError(f"std must be > 0, got {self.std}")
         return self
 
 
@@ -55,8 +55,8 @@ def prepared(model: nn.Module, inputs: dict[str, Any] | None, channels: int) -> 
     mean, std = (torch.tensor(inputs[key] or [default], dtype=torch.float32) for key, default in (("mean", 0.0),
                                                                                                    ("std", 1.0)))
     if any(len(values) not in (1, channels) for values in (mean, std)):
-        raise ValueError(f"inputs.mean and inputs.std need 1 or {channels} values (one per channel), got "
-                         f"{len(mean)} and {len(std)}")
+        raise ValueError(f"inputs.mean and inputs.std need one value for all {channels} channels or one per channel, "
+                         f"got {len(mean)} and {len(std)}")
     scale = high - low  # ((low + scale * x) - mean) / std = (x - (mean - low) / scale) / (std / scale)
     first = Normalize((mean - low) / scale, std / scale)
     layers = model.named_children() if isinstance(model, nn.Sequential) else [("model", model)]

@@ -209,6 +209,9 @@ def write_bad_inputs():
     (["--model", "cnn-small", "--set", "inputs.range=[0,255]"], "inputs: model cnn-small normalises its own inputs"),
     (["--model", "tests/data/user_net.py:make", "--set", "inputs.range=[1,0]"], "range must be [low, high] with "
                                                                                  "low < high"),
+    (["--model", "tests/data/user_net.py:make", "--set", "inputs.std=[0.5,-1]"], "config inputs: std must be > 0"),
+    (["--model", "tests/data/user_net.py:make", "--set", "inputs.mean=[0.5,0.5]"],
+     "inputs.mean and inputs.std need one value for all 1 channels or one per channel, got 2 and 1"),
     (["--model", "model:"], "unknown model 'model:'; choose from"),
 ])
 def test_every_bad_model_is_one_line_before_any_work_and_leaves_nothing(workdir, args, fragment):
