@@ -71,21 +71,33 @@ class Cascade:
               alpha_iterations: int = 10, alpha_lr: float = 0.5) -> None:
         """One bound stage on the boxes ``todo``; with ``keep_relus`` CROWN also keeps the ReLU input bounds it
         computed on the way (for the MILP)."""
-        self._proxy = self._proxy or BoundedProxy(self.model, self.lower[:1], torch.float64)
         for start in tqdm(range(0, len(todo), batch_size), desc=f"verify {method}", leave=False, disable=None):
             index = todo[start:start + batch_size]
             box = (self.lower[index], self.upper[index], self.spec[index])
-            with torch.no_grad():
-                if keep_relus and method == "CROWN":
-                    margins, layers = self._proxy.box_relu_bounds(*box, "CROWN")
-                    self.relus.update({i: [(low[k], up[k]) for low, up in layers]
-                                       for k, i in enumerate(index.tolist())})
-                else:
-                    margins = self._proxy.box_spec_bounds(*box, [method], alpha_iterations, alpha_lr)[0]
+            if keep_relus and method == "CROWN":
+                margins, layers = self._bounds(lambda proxy: proxy.box_relu_bounds(*box, "CROWN"))
+                self.relus.update({i: [(low[k], up[k]) for low, up in layers] for k, i in enumerate(index.tolist())})
+            else:
+                margins = self._bounds(lambda proxy: proxy.box_spec_bounds(*box, [method], alpha_iterations,
+                                                                           alpha_lr)[0])
             margins = self._checked(index, proof.finite_or_worst(margins.double().cpu()), method)
             self.class_bounds[index] = torch.maximum(self.class_bounds[index], margins)
             self.margin[index] = torch.maximum(self.margin[index], margins.min(1).values)
             self.stage[index[proof.proves(margins)]] = STAGES.index(method) + 1
+
+    def _bounds(self, compute):
+        """``compute(proxy)`` on the float64 proxy, in auto_LiRPA's fast patches mode for convolutions; where that
+        mode fails an assertion (auto_LiRPA 0.3 mishandles some layouts, a ReLU before the first Conv2d among them),
+        on a proxy in its matrix mode from then on (slower, and equal where both run)."""
+        self._proxy = self._proxy or BoundedProxy(self.model, self.lower[:1], torch.float64)
+        with torch.no_grad():
+            try:
+                return compute(self._proxy)
+            except AssertionError:
+                if self._proxy.conv_mode == "matrix":
+                    raise
+                self._proxy = BoundedProxy(self.model, self.lower[:1], torch.float64, "matrix")
+                return compute(self._proxy)
 
     def _checked(self, index: torch.Tensor, margins: torch.Tensor, method: str) -> torch.Tensor:
         """``margins`` with the rows of boxes where a bound exceeds the network's own margin at the box's centre set

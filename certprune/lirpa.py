@@ -129,11 +129,13 @@ class BoundedProxy:
 
     ``dtype``: the precision of the bounded copy and of its boxes. Training bounds in float32, the model's own;
     verification in float64, so that rounding cannot lift a bound over the proof rule's tolerance
-    (:mod:`certprune.certify.proof`). The model's float32 weights convert to float64 exactly.
+    (:mod:`certprune.certify.proof`). The model's float32 weights convert to float64 exactly. ``conv_mode``:
+    auto_LiRPA's representation of convolutions, "patches" (fast) or "matrix" (general).
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype = torch.float32):
-        self.model, self.dtype = model, dtype
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 conv_mode: str = "patches"):
+        self.model, self.dtype, self.conv_mode = model, dtype, conv_mode
         self.num_classes = self._infer_classes(model, example_input)
         example_input = example_input.to(dtype)
         plain = masking.dense_copy(model).to(dtype)
@@ -146,7 +148,8 @@ class BoundedProxy:
         self._plain = plain
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.bounded = BoundedModule(plain, self.normalize(example_input[:1]), device=example_input.device)
+            self.bounded = BoundedModule(plain, self.normalize(example_input[:1]), device=example_input.device,
+                                         bound_opts={"conv_mode": conv_mode})
         self._param_names = [name for name, _ in plain.named_parameters()]
         self._plain_params = [p for _, p in plain.named_parameters()]
         self._buffers = [(name, buffer) for name, buffer in plain.named_buffers()]
@@ -216,11 +219,21 @@ class BoundedProxy:
             return [lower.detach() for lower in lowers]
         return list(_ChainToModel.apply((lowers, self._plain_params), *tensors))
 
+    def _compute_bounds(self, **kwargs):
+        """auto_LiRPA's ``compute_bounds`` with torch's default dtype set to the proxy's: it creates some of its
+        tensors (identity matrices in matrix mode) in the default dtype, which must match the weights'."""
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            return self.bounded.compute_bounds(**kwargs)
+        finally:
+            torch.set_default_dtype(default)
+
     def _compute(self, bounded_x, spec, method: str, iterations: int, lr: float) -> torch.Tensor:
         if method == "alpha-CROWN" and not self.bounded.relus:
             method = "CROWN"  # no ReLU slopes to optimise: alpha-CROWN is CROWN (auto_LiRPA's backward would fail)
         if method != "alpha-CROWN":
-            return self.bounded.compute_bounds(x=(bounded_x,), C=spec, method=method, bound_upper=False)[0]
+            return self._compute_bounds(x=(bounded_x,), C=spec, method=method, bound_upper=False)[0]
         if not (int(iterations) >= 1 and float(lr) > 0):
             raise ValueError(f"alpha-CROWN needs iterations >= 1 and lr > 0, got {iterations} and {lr}")
         self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": int(iterations), "lr_alpha": float(lr)}})
@@ -230,7 +243,7 @@ class BoundedProxy:
             relu.use_sparse_features_alpha = False
         with torch.enable_grad(), warnings.catch_warnings():  # it optimises slopes by gradient, even under no_grad
             warnings.simplefilter("ignore")  # its LR scheduler warns about its own call order
-            lower = self.bounded.compute_bounds(x=(bounded_x,), C=spec, method="CROWN-Optimized",
+            lower = self._compute_bounds(x=(bounded_x,), C=spec, method="CROWN-Optimized",
                                                 bound_upper=False)[0]
         return lower.detach()
 
@@ -249,7 +262,7 @@ class BoundedProxy:
             raise ValueError(f"ReLU input bounds come from IBP or CROWN, not {method!r}")
         self._sync()
         with torch.no_grad():
-            margins = self.bounded.compute_bounds(x=(self._bounded_box(lower, upper),), C=spec.to(self.dtype),
+            margins = self._compute_bounds(x=(self._bounded_box(lower, upper),), C=spec.to(self.dtype),
                                                   method=method, bound_upper=False)[0]
             relus = [(relu.inputs[0].lower.detach().clone(), relu.inputs[0].upper.detach().clone())
                      for relu in self.bounded.relus]
@@ -260,7 +273,7 @@ class BoundedProxy:
         """Lower and upper bounds of every logit over the clipped L-inf box (for soundness checks)."""
         self._sync()
         with torch.no_grad():
-            bounds = self.bounded.compute_bounds(x=(self._bounded_box(*input_box(x, eps)),), method=method)
+            bounds = self._compute_bounds(x=(self._bounded_box(*input_box(x, eps)),), method=method)
         self._release_node_state()
         return bounds
 

@@ -21,7 +21,7 @@ from certprune.certify.cascade import Cascade
 from certprune.certify.instances import Instance, verify_instances
 from certprune.certify.milp_encoding import BoundsDisagree, network, tightened_bounds
 from certprune.certify.onnx_import import load_onnx
-from certprune.lirpa import BoundedProxy, normalized_box
+from certprune.lirpa import BoundedProxy, margin_spec, normalized_box
 from certprune.models import Normalize
 
 BOUND_STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
@@ -239,3 +239,33 @@ def test_bounds_from_two_stages_that_do_not_overlap_prove_nothing():
         tightened_bounds(net, lower, upper, far)
     outcome = milp.verify_box(model, torch.zeros(1), torch.ones(1), 0, None, 10.0, relu_bounds=far)
     assert outcome.status == "unknown" and outcome.stats["why"] == "bounds disagree"
+
+
+def patches_mode_failure():
+    """A small network with unequal conv strides and an image batch on which auto_LiRPA 0.3's patches mode fails an
+    assertion (whether it does depends on the weights and the box)."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=(2, 1), padding=(1, 0)), nn.ReLU(),
+                              nn.Conv2d(2, 3, 2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(27, 3)).eval()
+        centre = torch.rand(4, 1, 4, 4)
+        labels = model(centre).argmax(1)
+        try:
+            BoundedProxy(model, centre, torch.float64).box_spec_bounds(centre - 0.05, centre + 0.05,
+                                                                       margin_spec(labels, 3), ["CROWN"])
+        except AssertionError:
+            return model, centre, labels
+    raise AssertionError("no network of this shape trips auto_LiRPA's patches mode any more")
+
+
+def test_a_network_auto_lirpas_patches_mode_cannot_bound_is_bounded_in_matrix_mode():
+    """The cascade then bounds in auto_LiRPA's matrix mode, and its bounds are sound (at or below every sampled
+    margin)."""
+    model, centre, labels = patches_mode_failure()
+    cascade = Cascade(model, centre - 0.05, centre + 0.05, labels)
+    cascade.bound("CROWN", cascade.open(), 8)
+    assert cascade._proxy.conv_mode == "matrix" and torch.isfinite(cascade.margin).all()
+    samples = centre[:, None] - 0.05 + 0.1 * torch.rand(4, 500, 1, 4, 4)
+    with torch.no_grad():
+        margins = torch.einsum("brc,bsc->bsr", cascade.spec, model(samples.flatten(0, 1)).view(4, 500, 3))
+    assert (cascade.class_bounds <= margins.min(1).values.double() + 1e-9).all()
