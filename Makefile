@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test wheel-check bench clean
 
 $(BIN)/certprune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The wheel a user installs, in a fresh venv outside the source tree: --version, then a tiny prune of a user's
+# network on user data and its verification (CI runs this after the tests).
+wheel-check: install
+	bash scripts/check_wheel.sh --model $(CURDIR)/tests/data/user_net.py:make --dataset npz:$(CURDIR)/tests/data/tiny.npz \
+		--k 0.1 --loss ibp --eps 0.05
 
 bench: install
 	$(BIN)/python benchmarks/bench_masked_bounds.py
