@@ -1,0 +1,296 @@
+"""Linear bounds of a ReLU network's margins over a box, batched over subdomains: CROWN, alpha-CROWN and beta-CROWN
+in plain torch, for branch and bound (:mod:`certprune.certify.bab`).
+
+The network (a :class:`~certprune.certify.milp_encoding.Network`) becomes a :class:`Chain`: ``K`` ReLU layers
+between ``K + 1`` dense affine maps, ``z_k = W_k h_{k-1} + b_k`` with ``h_{-1} = x`` and ``h_k = relu(z_k)``, and
+the output ``W_K h_{K-1} + b_K``. A subdomain is the input box plus a split of some ReLUs (``+1``: ``z >= 0``,
+``-1``: ``z <= 0``, ``0``: free). Its margin bound is CROWN's backward substitution (Zhang et al. 2018): starting from
+a spec row ``c`` on the output, each ReLU is replaced by a linear bound of the right side, each affine map is
+substituted, and the last linear function of ``x`` is minimised over the box. Over ``z in [l, u]`` with ``l < 0 < u``,
+``relu(z) <= u (z - l) / (u - l)`` and ``relu(z) >= alpha z`` for any ``alpha in [0, 1]`` (alpha-CROWN optimises
+these slopes); a split ReLU is exact on its side (its bound clamped to ``l = 0`` or ``u = 0``), and the split's
+constraint ``s z >= 0`` enters with a Lagrange multiplier ``beta >= 0`` as ``- beta s z`` (beta-CROWN, Wang et al.
+2021). For ANY alpha in [0, 1], beta >= 0 and sound intermediate bounds the result is a lower bound of the margin over
+the subdomain; optimisation only makes it tighter.
+
+**When a bound is a proof** (:func:`proven`): every step runs in float64 (weights and the float32 box convert to
+float64 exactly), and a margin is proven only when its float64 lower bound is finite and above
+:data:`PROOF_MARGIN`. A NaN or an infinity never proves anything.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# float64 rounding in a backward substitution is below n * 2^-53 * (sum of the |terms|) per entry: about 1e-10 for
+# n ~ 1e4 terms of magnitude ~ 1e3, far below PROOF_MARGIN, so a float64 bound above PROOF_MARGIN is positive in
+# exact arithmetic too. (The MILP keeps its own tolerance for HiGHS's feasibility tolerances.)
+PROOF_MARGIN = 1e-6
+
+
+def proven(bounds: torch.Tensor) -> torch.Tensor:
+    """Where a float64 lower bound proves its margin positive: finite and above :data:`PROOF_MARGIN`."""
+    return torch.isfinite(bounds) & (bounds > PROOF_MARGIN)
+
+
+@dataclass
+class Chain:
+    """``weights[k]``, ``biases[k]``: the affine map into ReLU layer ``k`` (``k < K``) or into the output (``k = K``);
+    dense tensors of one dtype."""
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor]
+
+    @property
+    def depth(self) -> int:
+        """``K``, the number of ReLU layers."""
+        return len(self.weights) - 1
+
+    def to(self, dtype: torch.dtype) -> "Chain":
+        return Chain([w.to(dtype) for w in self.weights], [b.to(dtype) for b in self.biases])
+
+    def pre_activations(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every ReLU layer's input ``z_k`` and the output, for flat inputs ``x (B, d)``."""
+        inputs, h = [], x
+        for weight, bias in zip(self.weights[:-1], self.biases[:-1]):
+            inputs.append(h @ weight.T + bias)
+            h = inputs[-1].clamp(min=0)
+        return inputs, h @ self.weights[-1].T + self.biases[-1]
+
+
+def chain_of(net, dtype: torch.dtype = torch.float64) -> Chain:
+    """The :class:`Chain` of a ``Network``: consecutive affine steps multiplied into one (in float64), and an identity
+    map where a ReLU follows a ReLU or the input, or ends the network."""
+    weights, biases, pending = [], [], None
+    width = int(np.prod(net.input_shape))
+    for step in net.steps:
+        if step[0] == "affine":
+            weight, bias = torch.from_numpy(step[1].toarray()).double(), torch.from_numpy(np.asarray(step[2])).double()
+            pending = (weight, bias) if pending is None else (weight @ pending[0], weight @ pending[1] + bias)
+            width = len(bias)
+            continue
+        weight, bias = pending or (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+        weights.append(weight)
+        biases.append(bias)
+        pending = None
+    weight, bias = pending or (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
+    return Chain(weights + [weight], biases + [bias]).to(dtype)
+
+
+def clamp_to_splits(low: torch.Tensor, up: torch.Tensor, splits: torch.Tensor | None):
+    """A split ReLU's input bounds on its side: ``l >= 0`` where active (``+1``), ``u <= 0`` where inactive."""
+    if splits is None:
+        return low, up
+    return torch.where(splits > 0, low.clamp(min=0), low), torch.where(splits < 0, up.clamp(max=0), up)
+
+
+def default_slopes(low: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """CROWN's lower slope of an unstable ReLU (auto_LiRPA's "adaptive" choice): 1 where ``u > -l``, else 0."""
+    return (up > -low).to(low.dtype)
+
+
+@dataclass
+class Relaxation:
+    """A ReLU layer's linear bounds over its input bounds ``[l, u]`` (each ``(B or 1, n)``): ``relu(z) <= chord z +
+    intercept`` and ``relu(z) >= floor z``, where ``floor`` is 1 / 0 on stable ReLUs and CROWN's choice on the
+    ``unstable`` ones, which an alpha may replace."""
+    unstable: torch.Tensor
+    chord: torch.Tensor
+    intercept: torch.Tensor
+    floor: torch.Tensor
+
+
+def relaxation(low: torch.Tensor, up: torch.Tensor) -> Relaxation:
+    active, unstable = low >= 0, (low < 0) & (up > 0)
+    chord = torch.where(unstable, up / torch.where(unstable, up - low, torch.ones_like(up)), active.to(low.dtype))
+    intercept = torch.where(unstable, -chord * low, torch.zeros_like(low))
+    return Relaxation(unstable, chord, intercept, torch.where(unstable, default_slopes(low, up), active.to(low.dtype)))
+
+
+def split_relaxations(bounds: list, splits: list) -> list[Relaxation]:
+    """The relaxations of each domain's layers: the bounds ``(l, u)`` (each ``(1 or B, n_k)``) clamped to the
+    domain's ``splits[k] (B, n_k)``."""
+    return [relaxation(*clamp_to_splits(low, up, s)) for (low, up), s in zip(bounds, splits)]
+
+
+def backward(chain: Chain, lam: torch.Tensor, const: torch.Tensor, top: int, relaxations: list, x_lower: torch.Tensor,
+             x_upper: torch.Tensor, alphas=None, split_terms=None, record: dict | None = None) -> torch.Tensor:
+    """A lower bound of ``lam . h_{top-1} + const`` over the box (``h_{-1} = x``): ``lam (B, M, n_{top-1})``,
+    ``const (B, M)``; ``relaxations[k]`` of the layers below; ``alphas[k]``: lower slopes of the unstable ReLUs,
+    broadcastable to ``(B, M, n_k)`` (None: CROWN's); ``split_terms[k] = beta * s (B, n_k)``; ``record`` (a dict)
+    receives each layer's ``lam`` on ``h_k`` under ``k`` and the final one on ``x`` under ``"x"``. Positive
+    coefficients take the lower line, negative ones the upper chord. Returns ``(B, M)``."""
+    for k in reversed(range(top)):
+        relax = relaxations[k]
+        if record is not None:
+            record[k] = lam
+        floor = relax.floor if alphas is None or alphas[k] is None else torch.where(
+            relax.unstable[:, None, :], alphas[k], relax.floor[:, None, :])
+        positive = lam.clamp(min=0)
+        negative = lam - positive
+        const = const + (negative * relax.intercept[:, None, :]).sum(-1)
+        lam = positive * (floor if floor.dim() == 3 else floor[:, None, :]) + negative * relax.chord[:, None, :]
+        if split_terms is not None:
+            lam = lam - split_terms[k][:, None, :]
+        const = const + lam @ chain.biases[k]
+        lam = lam @ chain.weights[k]
+    if record is not None:
+        record["x"] = lam
+    return const + (lam.clamp(min=0) * x_lower[:, None, :]).sum(-1) + (lam.clamp(max=0) * x_upper[:, None, :]).sum(-1)
+
+
+def _layer(chain: Chain, k: int, rows: torch.Tensor | None = None):
+    """``lam, const`` whose lower bound is ``[l; -u]`` of ``z_k`` (all neurons, or those of the boolean ``rows``)."""
+    weight, bias = chain.weights[k], chain.biases[k]
+    if rows is not None:
+        weight, bias = weight[rows], bias[rows]
+    return torch.cat([weight, -weight])[None], torch.cat([bias, -bias])[None]
+
+
+def crown_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor) -> list:
+    """CROWN's bounds ``(l, u)`` ``(1, n_k)`` of every ReLU layer's input over one box (``x_lower (1, d)``): each layer
+    bounded by backward substitution through the relaxations of the layers below it."""
+    bounds, relaxations = [], []
+    with torch.no_grad():
+        for k in range(chain.depth):
+            both = backward(chain, *_layer(chain, k), k, relaxations, x_lower, x_upper)
+            n = both.shape[1] // 2
+            bounds.append((both[:, :n], -both[:, n:]))
+            relaxations.append(relaxation(*bounds[-1]))
+    return bounds
+
+
+def spec_top(chain: Chain, rows: torch.Tensor):
+    """``lam, const`` of the spec rows ``(B, out)`` on ``h_{K-1}``, one row per domain: ``(B, 1, n)``, ``(B, 1)``."""
+    return (rows @ chain.weights[-1])[:, None, :], (rows @ chain.biases[-1])[:, None]
+
+
+@dataclass
+class Root:
+    """What bounding the whole box gives branch and bound: ``bounds`` (the ReLU inputs' ``(l, u)``, each
+    ``(1, n_k)``), per spec row its lower bound ``margins (R,)`` and the lower slopes ``alphas[k] (R, n_k)`` that gave
+    it (warm starts for the subdomains)."""
+    bounds: list
+    margins: torch.Tensor
+    alphas: list
+
+
+def _sweep(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor, crown: list,
+           unstable: list, slopes: list):
+    """One alpha-CROWN pass over one box: each intermediate layer's unstable neurons bounded in turn with their own
+    slopes (``slopes[t - 1]`` for layer ``t``, ``slopes[-1]`` for the spec rows), through the bounds just computed for
+    the layers below; each neuron's bounds intersected with CROWN's. Returns the bounds of every layer, each
+    layer's raw ``[l; -u]`` of its unstable neurons (``(1, 2 m)``, layer 0 has none) and the rows' bounds ``(R,)``."""
+    current, sides, relaxations = [crown[0]], [None], [relaxation(*crown[0])]
+    for t in range(1, chain.depth):
+        both = backward(chain, *_layer(chain, t, unstable[t]), t, relaxations, x_lower, x_upper,
+                        [s[None] for s in slopes[t - 1]])
+        m = both.shape[1] // 2
+        low, up = crown[t][0].clone(), crown[t][1].clone()
+        low[:, unstable[t]] = torch.maximum(both[:, :m], crown[t][0][:, unstable[t]])
+        up[:, unstable[t]] = torch.minimum(-both[:, m:], crown[t][1][:, unstable[t]])
+        current.append((low, up))
+        relaxations.append(relaxation(low, up))
+        sides.append(both)
+    lam, const = spec_top(chain, rows)
+    final = backward(chain, lam.transpose(0, 1), const.T, chain.depth, relaxations, x_lower, x_upper,
+                     [s[None] for s in slopes[-1]])[0]
+    return current, sides, final
+
+
+def root_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor, iterations: int = 20,
+                lr: float = 0.1, dtype: torch.dtype = torch.float32, deadline: float = float("inf")) -> Root:
+    """CROWN, then alpha-CROWN over one box (``x_lower (1, d)``, ``rows (R, out)``): Adam on the lower slopes of every
+    unstable ReLU, one set per bounded neuron (each intermediate layer's unstable neurons, both sides) and per spec
+    row, maximising the sum of the rows' bounds. The slopes are optimised in ``dtype`` (float32: twice as fast);
+    each bounded neuron and row keeps the slopes of its best iterate, and one last pass in the chain's dtype
+    (float64) computes the bounds that count from them. Past the ``deadline`` (``time.perf_counter()``) no further
+    iterate starts."""
+    crown = crown_bounds(chain, x_lower, x_upper)
+    with torch.no_grad():
+        margins = backward(chain, *spec_top(chain, rows), chain.depth, [relaxation(*b) for b in crown],
+                           x_lower.expand(len(rows), -1),
+                           x_upper.expand(len(rows), -1))[:, 0]
+    alphas = [default_slopes(*b).expand(len(rows), -1).clone() for b in crown]
+    unstable = [((low < 0) & (up > 0))[0] for low, up in crown]
+    if iterations <= 0 or not any(bool(u.any()) for u in unstable):
+        return Root(crown, margins, alphas)
+    fast, fast_crown = chain.to(dtype), [(low.to(dtype), up.to(dtype)) for low, up in crown]
+    fast_box, fast_rows = (x_lower.to(dtype), x_upper.to(dtype)), rows.to(dtype)
+    sizes = [2 * int(u.sum()) for u in unstable[1:]] + [len(rows)]  # rows bounded per layer 1 .. K-1, then the spec
+    slopes = [[default_slopes(*fast_crown[j]).expand(size, -1).clone().requires_grad_() for j in range(t + 1)]
+              for t, size in enumerate(sizes)]
+    kept = [[s.detach().clone() for s in layer] for layer in slopes]
+    best = [torch.full((size,), -torch.inf, dtype=dtype) for size in sizes]
+    optimizer = torch.optim.Adam([s for layer in slopes for s in layer], lr=lr)
+    for iteration in range(iterations):
+        if iteration and time.perf_counter() > deadline:
+            break
+        _, sides, final = _sweep(fast, *fast_box, fast_rows, fast_crown, unstable, slopes)
+        with torch.no_grad():
+            for t, value in enumerate([side[0] for side in sides[1:]] + [final]):
+                better = value > best[t]
+                best[t] = torch.where(better, value, best[t])
+                for store, slope in zip(kept[t], slopes[t]):
+                    store[better] = slope[better]
+        optimizer.zero_grad()
+        (-final.sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for layer in slopes:
+                for s in layer:
+                    s.clamp_(0, 1)
+    with torch.no_grad():
+        bounds, _, final = _sweep(chain, x_lower, x_upper, rows, crown, unstable,
+                                  [[s.to(chain.weights[0].dtype) for s in layer] for layer in kept])
+    better = final > margins
+    for k in range(chain.depth):
+        alphas[k][better] = kept[-1][k][better].to(alphas[k].dtype)
+    return Root(bounds, torch.where(better, final, margins), alphas)
+
+
+def domain_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor,
+                  relaxations: list, splits: list, alphas: list, betas: list | None,
+                  record: dict | None = None) -> torch.Tensor:
+    """The lower bound ``(B,)`` of each domain's spec row ``rows (B, out)``: ``relaxations`` from
+    :func:`split_relaxations` of the domains' ``splits[k] (B, n_k)`` (in {-1, 0, 1}), ``alphas[k] (B, n_k)`` lower
+    slopes, ``betas[k] (B, n_k) >= 0`` the split constraints' multipliers (None: 0)."""
+    terms = None if betas is None else [b * s.to(b.dtype) for b, s in zip(betas, splits)]
+    lam, const = spec_top(chain, rows)
+    return backward(chain, lam, const, chain.depth, relaxations, x_lower, x_upper, [a[:, None, :] for a in alphas],
+                    terms, record)[:, 0]
+
+
+def optimise_domains(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor, bounds: list,
+                     splits: list, alphas: list, betas: list, iterations: int, lr_alpha: float, lr_beta: float,
+                     deadline: float = float("inf")):
+    """beta-CROWN on a batch of domains: Adam on their slopes and multipliers from the given warm starts, projected
+    to ``alpha in [0, 1]``, ``beta >= 0`` after each step. Returns each domain's best bound over the iterates (all
+    sound; the first iterate is the warm start's) with the ``alphas`` and ``betas`` that gave it. Past the
+    ``deadline`` (``time.perf_counter()``) no further iterate starts."""
+    relaxations = split_relaxations(bounds, splits)
+    alpha = [a.detach().clone().requires_grad_() for a in alphas]
+    beta = [b.detach().clone().requires_grad_() for b in betas]
+    optimizer = torch.optim.Adam([{"params": alpha, "lr": lr_alpha}, {"params": beta, "lr": lr_beta}])
+    best_bound = torch.full((len(rows),), -torch.inf, dtype=rows.dtype)
+    best_alpha, best_beta = [a.detach().clone() for a in alphas], [b.detach().clone() for b in betas]
+    for iteration in range(iterations):
+        if iteration and time.perf_counter() > deadline:
+            break
+        bound = domain_bounds(chain, x_lower, x_upper, rows, relaxations, splits, alpha, beta)
+        with torch.no_grad():
+            better = bound > best_bound
+            best_bound = torch.where(better, bound, best_bound)
+            for store, value in zip(best_alpha + best_beta, alpha + beta):
+                store[better] = value[better]
+        optimizer.zero_grad()
+        (-bound.sum()).backward()
+        optimizer.step()
+        with torch.no_grad():
+            for a in alpha:
+                a.clamp_(0, 1)
+            for b in beta:
+                b.clamp_(min=0)
+    return best_bound.detach(), best_alpha, best_beta
