@@ -120,6 +120,18 @@ class _ChainToModel(torch.autograd.Function):
         return (None, *grads)
 
 
+def _conv_mode(model: nn.Module) -> str:
+    """auto_LiRPA 0.3's patches mode is sound only for square convolutions: with unequal strides or paddings it
+    returned a lower bound above the network's own output (0.108 against 0.048, found by the soundness fuzzer), or
+    failed. Matrix mode is general, and slower (5-6x for CROWN on cnn-small), so it serves only where needed."""
+    def square(conv: nn.Conv2d) -> bool:
+        return not isinstance(conv.padding, str) and conv.groups == 1 and all(
+            len(set(v)) == 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return "patches" if all(square(conv) for conv in convs) else "matrix"
+
+
 class BoundedProxy:
     """auto_LiRPA's ``BoundedModule`` over a plain copy of ``model`` that follows the model's current weights.
 
@@ -127,15 +139,17 @@ class BoundedProxy:
     std trips an assertion in auto_LiRPA 0.3's CROWN (patches mode), and it is exact to map the input box through
     it instead, as auto_LiRPA's own examples do.
 
-    ``dtype``: the precision of the bounded copy and of its boxes. Training bounds in float32, the model's own;
+    ``dtype``: the precision of the bounded copy and of its boxes. Training bounds in the model's own (float32);
     verification in float64, so that rounding cannot lift a bound over the proof rule's tolerance
     (:mod:`certprune.certify.proof`). The model's float32 weights convert to float64 exactly. ``conv_mode``:
-    auto_LiRPA's representation of convolutions, "patches" (fast) or "matrix" (general).
+    auto_LiRPA's representation of convolutions, "patches" (fast) or "matrix" (general); by default patches where
+    every convolution is square (:func:`_conv_mode`).
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype = torch.float32,
-                 conv_mode: str = "patches"):
-        self.model, self.dtype, self.conv_mode = model, dtype, conv_mode
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype | None = None,
+                 conv_mode: str | None = None):
+        dtype = dtype or next((p.dtype for p in model.parameters()), torch.get_default_dtype())
+        self.model, self.dtype, self.conv_mode = model, dtype, conv_mode or _conv_mode(model)
         self.num_classes = self._infer_classes(model, example_input)
         example_input = example_input.to(dtype)
         plain = masking.dense_copy(model).to(dtype)
@@ -149,7 +163,7 @@ class BoundedProxy:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.bounded = BoundedModule(plain, self.normalize(example_input[:1]), device=example_input.device,
-                                         bound_opts={"conv_mode": conv_mode})
+                                         bound_opts={"conv_mode": self.conv_mode})
         self._param_names = [name for name, _ in plain.named_parameters()]
         self._plain_params = [p for _, p in plain.named_parameters()]
         self._buffers = [(name, buffer) for name, buffer in plain.named_buffers()]
@@ -237,14 +251,19 @@ class BoundedProxy:
         if not (int(iterations) >= 1 and float(lr) > 0):
             raise ValueError(f"alpha-CROWN needs iterations >= 1 and lr > 0, got {iterations} and {lr}")
         self.bounded.set_bound_opts({"optimize_bound_args": {"iteration": int(iterations), "lr_alpha": float(lr)}})
+        # Its sparse intermediate bounds fail an assertion on some boxes of small networks (alpha per spec row).
+        sparse = self.bounded.bound_opts.get("sparse_intermediate_bounds", True)
+        self.bounded.bound_opts["sparse_intermediate_bounds"] = False
         for relu in self.bounded.relus:
             # auto_LiRPA 0.3 keeps sparse slope indices for a layer whose unstable share exceeds 90 % while it
             # allocates full slopes there (its reset sits under `if verbosity > 0`): a shape error. Full slopes always.
             relu.use_sparse_features_alpha = False
         with torch.enable_grad(), warnings.catch_warnings():  # it optimises slopes by gradient, even under no_grad
             warnings.simplefilter("ignore")  # its LR scheduler warns about its own call order
-            lower = self._compute_bounds(x=(bounded_x,), C=spec, method="CROWN-Optimized",
-                                                bound_upper=False)[0]
+            try:
+                lower = self._compute_bounds(x=(bounded_x,), C=spec, method="CROWN-Optimized", bound_upper=False)[0]
+            finally:
+                self.bounded.bound_opts["sparse_intermediate_bounds"] = sparse
         return lower.detach()
 
     def relu_input_bounds(self, x: torch.Tensor, labels: torch.Tensor, eps: float, method: str = "CROWN"):

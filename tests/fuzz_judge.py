@@ -272,14 +272,14 @@ def _bab(model, shape, props: list, time_limit: float) -> list:
 
 def _stage_bounds(model, shape, props: list, outputs: int, methods, alpha_iterations: int) -> dict:
     """Each bound stage's raw margin lower bounds (``(boxes, rows)``, rows in ``others`` order) on every box, as the
-    cascade's proxy computes them (float64; auto_LiRPA's matrix mode for convolutions where its patches mode fails
-    an assertion, as the cascade falls back), before any rule of the cascade's filters them."""
+    cascade's proxy computes them (float64; the proxy's own choice of auto_LiRPA's conv mode, then its matrix mode
+    where that fails an assertion, as the cascade falls back), before any rule of the cascade's filters them."""
     stack = lambda boxes: torch.tensor(np.stack(boxes)).view(-1, *shape)  # noqa: E731
     lower, upper = stack([p.lower for p in props]), stack([p.upper for p in props])
     spec = spec_of(torch.tensor([p.label for p in props]), [list(p.others) for p in props], outputs)
     proxies, found = {}, {}
     for method in methods:
-        for mode in ("patches", "matrix"):
+        for mode in (None, "matrix"):
             try:
                 proxies[mode] = proxies.get(mode) or BoundedProxy(model, lower[:1], torch.float64, mode)
                 with torch.no_grad():

@@ -5,6 +5,7 @@ Each network's truth is known in closed form; onnxruntime, not the importer, com
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -241,9 +242,41 @@ def test_bounds_from_two_stages_that_do_not_overlap_prove_nothing():
     assert outcome.status == "unknown" and outcome.stats["why"] == "bounds disagree"
 
 
+def test_convolutions_with_unequal_pads_are_bounded_soundly():
+    """auto_LiRPA 0.3's patches mode bounded this network's first output below 0.108 over a box holding a point where
+    it is 0.048 (pads (0, 1), two boxes in the batch): such networks are bounded in matrix mode."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(1, 1, 2, 2, (0, 1)), nn.ReLU(), nn.Conv2d(1, 2, 3, 1, 1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(12, 2)).eval()
+    x = torch.rand(1, 1, 5, 5)
+    lower, upper = torch.cat([torch.zeros(1, 1, 5, 5), x]), torch.cat([torch.ones(1, 1, 5, 5), x])
+    proxy = BoundedProxy(model, lower[:1], torch.float64)
+    bounds = proxy.box_spec_bounds(lower, upper, torch.eye(2)[None].expand(2, 2, 2), ["CROWN"])[0]
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())[0]  # the point box's true outputs, in float64
+    assert proxy.conv_mode == "matrix" and (bounds[1] <= exact + 1e-9).all()
+    assert BoundedProxy(nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1)), lower[:1]).conv_mode == "patches"
+
+
+def test_alpha_crown_bounds_small_networks_auto_lirpa_failed_on():
+    """auto_LiRPA 0.3's sparse intermediate bounds failed an assertion in alpha-CROWN on about a tenth of small-MLP
+    boxes; with them off, alpha-CROWN is at least CROWN and at most every sampled margin."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    lower = torch.rand(3, 4)
+    upper = lower + 0.1
+    spec = margin_spec(torch.tensor([0, 1, 2]), 3)
+    proxy = BoundedProxy(model, lower[:1], torch.float64)
+    alpha, crown = proxy.box_spec_bounds(lower, upper, spec, ["alpha-CROWN", "CROWN"], 5, 0.5)
+    samples = lower[:, None] + 0.1 * torch.rand(3, 2000, 4)
+    with torch.no_grad():
+        sampled = torch.einsum("brc,bsc->bsr", spec, model(samples)).min(1).values.double()
+    assert (alpha >= crown - 1e-12).all() and (alpha <= sampled + 1e-9).all()
+
+
 def patches_mode_failure():
-    """A small network with unequal conv strides and an image batch on which auto_LiRPA 0.3's patches mode fails an
-    assertion (whether it does depends on the weights and the box)."""
+    """A small network with unequal conv strides and an image batch on which auto_LiRPA 0.3's patches mode, forced,
+    fails an assertion (whether it does depends on the weights and the box)."""
     for seed in range(20):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=(2, 1), padding=(1, 0)), nn.ReLU(),
@@ -251,17 +284,18 @@ def patches_mode_failure():
         centre = torch.rand(4, 1, 4, 4)
         labels = model(centre).argmax(1)
         try:
-            BoundedProxy(model, centre, torch.float64).box_spec_bounds(centre - 0.05, centre + 0.05,
-                                                                       margin_spec(labels, 3), ["CROWN"])
+            BoundedProxy(model, centre, torch.float64, "patches").box_spec_bounds(
+                centre - 0.05, centre + 0.05, margin_spec(labels, 3), ["CROWN"])
         except AssertionError:
             return model, centre, labels
     raise AssertionError("no network of this shape trips auto_LiRPA's patches mode any more")
 
 
-def test_a_network_auto_lirpas_patches_mode_cannot_bound_is_bounded_in_matrix_mode():
-    """The cascade then bounds in auto_LiRPA's matrix mode, and its bounds are sound (at or below every sampled
-    margin)."""
+def test_a_network_auto_lirpas_patches_mode_cannot_bound_is_bounded_in_matrix_mode(monkeypatch):
+    """Should patches mode fail an assertion on a network it is chosen for, the cascade bounds in matrix mode from
+    then on, and its bounds are sound (at or below every sampled margin)."""
     model, centre, labels = patches_mode_failure()
+    monkeypatch.setattr("certprune.lirpa._conv_mode", lambda model: "patches")
     cascade = Cascade(model, centre - 0.05, centre + 0.05, labels)
     cascade.bound("CROWN", cascade.open(), 8)
     assert cascade._proxy.conv_mode == "matrix" and torch.isfinite(cascade.margin).all()
