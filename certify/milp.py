@@ -13,7 +13,10 @@ functions (``x``, ``eps``) only build the clipped box ``x -+ eps`` and call the 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,11 +48,27 @@ class Outcome:
     stats: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _silent_stdout():
+    """HiGHS prints some of its internal diagnostics (``HighsMipSolverData::...``) straight to the process's
+    stdout, past Python and its ``disp`` option; they are not for the user, so file descriptor 1 points at
+    /dev/null while it runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def solve(prog: Program, label: int, other: int, time_limit: float):
     """HiGHS on ``min logit_label - logit_other``; scipy's result (``mip_dual_bound`` is the proven bound)."""
     cost = np.zeros(len(prog.var_lower))
     cost[prog.logits.start + label], cost[prog.logits.start + other] = 1.0, -1.0
-    with warnings.catch_warnings():  # scipy warns that it passes HIGHS_OPTIONS to HiGHS verbatim, as wanted
+    with warnings.catch_warnings(), _silent_stdout():  # scipy warns that it passes HIGHS_OPTIONS to HiGHS verbatim, as wanted
         warnings.simplefilter("ignore", RuntimeWarning)
         return milp(cost, integrality=prog.integrality, bounds=Bounds(prog.var_lower, prog.var_upper),
                     constraints=LinearConstraint(prog.matrix, prog.row_lower, prog.row_upper),

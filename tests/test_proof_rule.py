@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,18 @@ def test_a_network_auto_lirpas_patches_mode_cannot_bound_is_bounded_in_matrix_mo
     with torch.no_grad():
         margins = torch.einsum("brc,bsc->bsr", cascade.spec, model(samples.flatten(0, 1)).view(4, 500, 3))
     assert (cascade.class_bounds <= margins.min(1).values.double() + 1e-9).all()
+
+
+def test_the_solvers_own_prints_do_not_reach_the_user(monkeypatch, capfd):
+    """HiGHS writes some diagnostics to the process's stdout, past Python (a stand-in writes to descriptor 1 as it
+    does); they are dropped, while the solver's answer and the program's own output are kept."""
+    solver = milp.milp
+
+    def noisy(*args, **kwargs):
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        return solver(*args, **kwargs)
+
+    monkeypatch.setattr(milp, "milp", noisy)
+    outcome = milp.verify_box(final_relu_net(), torch.zeros(1), torch.ones(1), 0, None, 10.0)
+    print("after")
+    assert outcome.status == "falsified" and capfd.readouterr().out == "after\n"
