@@ -16,9 +16,10 @@ within one time limit:
    :func:`_decide_leaf` decides exactly. That makes the search complete.
 
 Verified when no domain is left open; falsified only through :func:`~certprune.certify.milp.check_box` (a plain
-forward pass at a point of the ``inner`` box); unknown at the time limit. A bound proves a domain by the rule of
-:func:`~certprune.certify.linear_bounds.proven` (float64, above ``PROOF_MARGIN``); a linear program's answer counts
-only through its dual multipliers, re-evaluated as a beta-CROWN bound in float64, never by the solver's tolerance.
+forward pass at a point of the ``inner`` box); unknown at the time limit. A bound closes a domain by the rule of
+:func:`~certprune.certify.linear_bounds.proven` (float64, less its rounding allowance, positive); a linear program's
+answer counts only through its dual multipliers, re-evaluated as such a beta-CROWN bound, never by the solver's
+tolerances.
 """
 from __future__ import annotations
 
@@ -128,11 +129,11 @@ class _Domains:
 
 
 def _decide_leaf(chain: lb.Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, row: torch.Tensor, bounds: list,
-                 splits: list):
+                 splits: list, scale: lb.Scale):
     """Decide a domain whose root-unstable ReLUs are all split: on it each ReLU is fixed on or off, so every ``z_k``
     and the margin are affine in ``x``, and the domain is ``{x in box: s_i z_i(x) >= 0 for each split i}``. HiGHS
-    solves ``min margin`` over it; its dual multipliers, as beta-CROWN's ``beta``, give a float64 bound that is
-    exact at the optimum. If HiGHS finds the domain empty, the most violated split's program gives multipliers that
+    solves ``min margin`` over it; its dual multipliers, as beta-CROWN's ``beta``, give a float64 bound (with the
+    rounding allowance of ``scale``) that is exact at the optimum. If HiGHS finds the domain empty, the most violated split's program gives multipliers that
     prove it empty the same way (the bound of the zero objective is positive). Returns ``(bound, point)``: the
     bound (proven when :func:`~certprune.certify.linear_bounds.proven`) and HiGHS's minimiser (a candidate
     counterexample; None when the domain is empty)."""
@@ -168,7 +169,7 @@ def _decide_leaf(chain: lb.Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, 
         for (k, i), value in zip(owners, -result.ineqlin.marginals):
             multipliers[k][0, i] = max(float(value), 0.0)
     bound = lb.domain_bounds(chain, x_lower, x_upper, objective[None], lb.split_relaxations(bounds, splits), splits,
-                             [torch.zeros_like(m) for m in multipliers], multipliers)[0]
+                             [torch.zeros_like(m) for m in multipliers], multipliers, scale=scale)[0]
     return bound, torch.from_numpy(result.x) if objective is row else None
 
 
@@ -185,6 +186,7 @@ class _Search:
         root = lb.root_bounds(chain, self.x_lower, self.x_upper, self.rows, settings.root_iterations, settings.root_lr,
                               deadline=deadline)
         self.bounds = root.bounds
+        self.scale = lb.scale_of(chain, self.x_lower, self.x_upper, self.bounds)
         # the float32 copies: for optimising and ranking, never for a bound that closes a domain
         self.fast = (chain.to(torch.float32), self.x_lower.float(), self.x_upper.float(), self.rows.float(),
                      [(low.float(), up.float()) for low, up in self.bounds])
@@ -218,7 +220,8 @@ class _Search:
             self.chain, self.x_lower, self.x_upper, self.rows, self.bounds)
         dtype, splits = rows.dtype, self._dense(domains.splits, torch.int8)
         return lb.domain_bounds(chain, x_lower, x_upper, rows[domains.row], lb.split_relaxations(bounds, splits),
-                                splits, self._dense(domains.alpha, dtype), self._dense(domains.beta, dtype), record)
+                                splits, self._dense(domains.alpha, dtype), self._dense(domains.beta, dtype), record,
+                                None if fast else self.scale)
 
     # -- one round -------------------------------------------------------------------------------------------------
     def _take(self) -> _Domains:
@@ -301,7 +304,7 @@ class _Search:
         for i in torch.nonzero(leaf).flatten().tolist():
             self.stats["leaves"] += 1
             bound, point = _decide_leaf(self.chain, self.x_lower, self.x_upper, self.rows[batch.row[i]], self.bounds,
-                                        self._dense(batch.splits[i:i + 1], torch.int8))
+                                        self._dense(batch.splits[i:i + 1], torch.int8), self.scale)
             found = None if point is None else self._check_points(point[None])
             if found is not None:
                 return found

@@ -3,19 +3,24 @@ in plain torch, for branch and bound (:mod:`certprune.certify.bab`).
 
 The network (a :class:`~certprune.certify.milp_encoding.Network`) becomes a :class:`Chain`: ``K`` ReLU layers
 between ``K + 1`` dense affine maps, ``z_k = W_k h_{k-1} + b_k`` with ``h_{-1} = x`` and ``h_k = relu(z_k)``, and
-the output ``W_K h_{K-1} + b_K``. A subdomain is the input box plus a split of some ReLUs (``+1``: ``z >= 0``,
-``-1``: ``z <= 0``, ``0``: free). Its margin bound is CROWN's backward substitution (Zhang et al. 2018): starting from
-a spec row ``c`` on the output, each ReLU is replaced by a linear bound of the right side, each affine map is
-substituted, and the last linear function of ``x`` is minimised over the box. Over ``z in [l, u]`` with ``l < 0 < u``,
-``relu(z) <= u (z - l) / (u - l)`` and ``relu(z) >= alpha z`` for any ``alpha in [0, 1]`` (alpha-CROWN optimises
-these slopes); a split ReLU is exact on its side (its bound clamped to ``l = 0`` or ``u = 0``), and the split's
-constraint ``s z >= 0`` enters with a Lagrange multiplier ``beta >= 0`` as ``- beta s z`` (beta-CROWN, Wang et al.
-2021). For ANY alpha in [0, 1], beta >= 0 and sound intermediate bounds the result is a lower bound of the margin over
-the subdomain; optimisation only makes it tighter.
+the output ``z_K``. A subdomain is the input box plus a split of some ReLUs (``+1``: ``z >= 0``, ``-1``: ``z <= 0``,
+``0``: free). Its margin bound is CROWN's backward substitution (Zhang et al. 2018): starting from a spec row ``c``
+on the output, each affine map is substituted, each ReLU replaced by a linear bound of the right side, and the last
+linear function of ``x`` is minimised over the box. Over ``z in [l, u]`` with ``l < 0 < u``, ``relu(z) <= u (z - l)
+/ (u - l)`` and ``relu(z) >= alpha z`` for any ``alpha in [0, 1]`` (alpha-CROWN optimises these slopes); a split ReLU
+is exact on its side (its bound clamped to ``l = 0`` or ``u = 0``), and the split's constraint ``s z >= 0`` enters
+with a Lagrange multiplier ``beta >= 0`` as ``- beta s z`` (beta-CROWN, Wang et al. 2021). For ANY alpha in [0, 1],
+beta >= 0 and sound intermediate bounds the result is a lower bound of the margin over the subdomain; optimisation
+only makes it tighter.
 
-**When a bound is a proof** (:func:`proven`): every step runs in float64 (weights and the float32 box convert to
-float64 exactly), and a margin is proven only when its float64 lower bound is finite and above
-:data:`PROOF_MARGIN`. A NaN or an infinity never proves anything.
+**When a bound is a proof** (:func:`proven`): when it is finite and positive after its rounding allowance is taken
+off. Every bound that can close a domain is computed in float64 (the weights and the float32 box convert to float64
+exactly) by :func:`backward` with a :class:`Scale`, which also bounds, from above, the effect of every floating-point
+rounding of that computation (the standard ``|fl(a . b) - a . b| <= gamma_n |a| . |b|``, ``gamma_n = n u / (1 - n
+u)``, applied to each product, sum and relaxation line, and to the products that merged consecutive affine steps)
+and subtracts it. So a proven bound is positive in exact arithmetic, for the network's float64 steps (the MILP's
+encoding of it), whatever the scale of its weights. A NaN or an infinity never proves anything. Float32 passes
+(optimising slopes, ranking splits) carry no allowance and never close a domain.
 """
 from __future__ import annotations
 
@@ -25,23 +30,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# float64 rounding in a backward substitution is below n * 2^-53 * (sum of the |terms|) per entry: about 1e-10 for
-# n ~ 1e4 terms of magnitude ~ 1e3, far below PROOF_MARGIN, so a float64 bound above PROOF_MARGIN is positive in
-# exact arithmetic too. (The MILP keeps its own tolerance for HiGHS's feasibility tolerances.)
-PROOF_MARGIN = 1e-6
-
 
 def proven(bounds: torch.Tensor) -> torch.Tensor:
-    """Where a float64 lower bound proves its margin positive: finite and above :data:`PROOF_MARGIN`."""
-    return torch.isfinite(bounds) & (bounds > PROOF_MARGIN)
+    """Where a lower bound (a float64 one with its rounding allowance taken off) proves its margin positive."""
+    return torch.isfinite(bounds) & (bounds > 0)
+
+
+def _gamma(n: int, dtype: torch.dtype) -> float:
+    """``gamma_n``: the relative error bound of an n-term dot product in ``dtype``, in any summation order."""
+    unit = torch.finfo(dtype).eps / 2
+    return n * unit / (1 - n * unit)
 
 
 @dataclass
 class Chain:
     """``weights[k]``, ``biases[k]``: the affine map into ReLU layer ``k`` (``k < K``) or into the output (``k = K``);
-    dense tensors of one dtype."""
+    dense tensors of one dtype. ``factors[k]``: None, or the absolute values ``(|W|, |b|)`` of the steps that were
+    multiplied into map ``k`` (their rounding is part of the allowance)."""
     weights: list[torch.Tensor]
     biases: list[torch.Tensor]
+    factors: list
 
     @property
     def depth(self) -> int:
@@ -49,7 +57,7 @@ class Chain:
         return len(self.weights) - 1
 
     def to(self, dtype: torch.dtype) -> "Chain":
-        return Chain([w.to(dtype) for w in self.weights], [b.to(dtype) for b in self.biases])
+        return Chain([w.to(dtype) for w in self.weights], [b.to(dtype) for b in self.biases], self.factors)
 
     def pre_activations(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every ReLU layer's input ``z_k`` and the output, for flat inputs ``x (B, d)``."""
@@ -60,23 +68,64 @@ class Chain:
         return inputs, h @ self.weights[-1].T + self.biases[-1]
 
 
-def chain_of(net, dtype: torch.dtype = torch.float64) -> Chain:
-    """The :class:`Chain` of a ``Network``: consecutive affine steps multiplied into one (in float64), and an identity
-    map where a ReLU follows a ReLU or the input, or ends the network."""
-    weights, biases, pending = [], [], None
+def chain_of(net) -> Chain:
+    """The float64 :class:`Chain` of a ``Network``: consecutive affine steps multiplied into one, and an identity map
+    where a ReLU follows a ReLU or the input, or ends the network."""
+    weights, biases, factors, pending = [], [], [], []
     width = int(np.prod(net.input_shape))
+
+    def close():
+        if not pending:
+            eye = torch.eye(width, dtype=torch.float64)
+            return eye, torch.zeros(width, dtype=torch.float64), None
+        weight, bias = pending[0]
+        for step_weight, step_bias in pending[1:]:
+            weight, bias = step_weight @ weight, step_weight @ bias + step_bias
+        return weight, bias, [(w.abs(), b.abs()) for w, b in pending] if len(pending) > 1 else None
+
     for step in net.steps:
         if step[0] == "affine":
-            weight, bias = torch.from_numpy(step[1].toarray()).double(), torch.from_numpy(np.asarray(step[2])).double()
-            pending = (weight, bias) if pending is None else (weight @ pending[0], weight @ pending[1] + bias)
-            width = len(bias)
+            pending.append((torch.from_numpy(step[1].toarray()).double(),
+                            torch.from_numpy(np.asarray(step[2], dtype=np.float64))))
+            width = len(step[2])
             continue
-        weight, bias = pending or (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
-        weights.append(weight)
-        biases.append(bias)
-        pending = None
-    weight, bias = pending or (torch.eye(width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
-    return Chain(weights + [weight], biases + [bias]).to(dtype)
+        for store, value in zip((weights, biases, factors), close()):
+            store.append(value)
+        pending = []
+    for store, value in zip((weights, biases, factors), close()):
+        store.append(value)
+    return Chain(weights, biases, factors)
+
+
+@dataclass
+class Scale:
+    """Upper bounds of the magnitudes the rounding allowance needs, over the box: ``x`` ``(1, d)`` of the input;
+    per ReLU layer ``k`` whose bounds are known ``z[k]`` ``(1, n_k)`` of its input; per affine map ``k`` whose input
+    bounds are known ``reach[k] = |W_k| . max|h_{k-1}|`` ``(n_k,)`` and ``merged[k]``, how far rounding the merged
+    product may move ``z_k`` ``(n_k,)``."""
+    x: torch.Tensor
+    z: list
+    reach: list
+    merged: list
+
+
+def scale_of(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, bounds: list) -> Scale:
+    """The :class:`Scale` over one box (``x_lower (1, d)``) given sound bounds of the first ``len(bounds)`` ReLU
+    layers' inputs: the maps ``0 .. len(bounds)`` are covered."""
+    x = torch.maximum(x_lower.abs(), x_upper.abs())
+    z = [torch.maximum(low.abs(), up.abs()) for low, up in bounds]
+    inputs = [x[0]] + [up[0].clamp(min=0) for _, up in bounds]  # max |h_{k-1}| for map k
+    reach, merged = [], []
+    for k, h in enumerate(inputs[:chain.depth + 1]):
+        reach.append(chain.weights[k].abs() @ h)
+        moved = torch.zeros_like(chain.biases[k])
+        if chain.factors[k] is not None:
+            magnitude, widest = h, max(w.shape[1] for w, _ in chain.factors[k])
+            for weight, bias in chain.factors[k]:
+                magnitude = weight @ magnitude + bias
+            moved = len(chain.factors[k]) * _gamma(widest + 1, torch.float64) * magnitude
+        merged.append(moved)
+    return Scale(x, z, reach, merged)
 
 
 def clamp_to_splits(low: torch.Tensor, up: torch.Tensor, splits: torch.Tensor | None):
@@ -115,56 +164,92 @@ def split_relaxations(bounds: list, splits: list) -> list[Relaxation]:
     return [relaxation(*clamp_to_splits(low, up, s)) for (low, up), s in zip(bounds, splits)]
 
 
-def backward(chain: Chain, lam: torch.Tensor, const: torch.Tensor, top: int, relaxations: list, x_lower: torch.Tensor,
-             x_upper: torch.Tensor, alphas=None, split_terms=None, record: dict | None = None) -> torch.Tensor:
-    """A lower bound of ``lam . h_{top-1} + const`` over the box (``h_{-1} = x``): ``lam (B, M, n_{top-1})``,
-    ``const (B, M)``; ``relaxations[k]`` of the layers below; ``alphas[k]``: lower slopes of the unstable ReLUs,
-    broadcastable to ``(B, M, n_k)`` (None: CROWN's); ``split_terms[k] = beta * s (B, n_k)``; ``record`` (a dict)
-    receives each layer's ``lam`` on ``h_k`` under ``k`` and the final one on ``x`` under ``"x"``. Positive
-    coefficients take the lower line, negative ones the upper chord. Returns ``(B, M)``."""
-    for k in reversed(range(top)):
+def backward(chain: Chain, lam, top: int, relaxations: list, x_lower: torch.Tensor, x_upper: torch.Tensor,
+             alphas=None, split_terms=None, record: dict | None = None, scale: Scale | None = None) -> torch.Tensor:
+    """A lower bound ``(B, M)`` of ``lam . z_top`` over the box: ``lam (B, M, n_top)``, or ``(index, sign)`` (each
+    ``(M,)``) for the rows ``sign * e_index`` (a neuron's bounds, without an ``n_top``-wide product); ``relaxations[k]``
+    of the ReLU layers below ``top``; ``alphas[k]``: lower slopes of the unstable ReLUs, broadcastable to
+    ``(B, M, n_k)`` (None: CROWN's); ``split_terms[k] = beta * s (B, n_k)``; ``record`` (a dict) receives each layer's
+    ``lam`` on ``h_k`` under ``k`` and the final one on ``x`` under ``"x"``. Positive coefficients take the lower line,
+    negative ones the upper chord. With a ``scale`` (of the box and of the bounds the relaxations come from, or wider
+    ones) the rounding allowance of the computation is taken off the bound."""
+    if isinstance(lam, tuple):  # the rows' products with map ``top`` are exact: a row of W and an entry of b
+        index, sign = lam
+        const = (sign * chain.biases[top][index])[None]
+        error = torch.zeros_like(const) if scale is None else scale.merged[top][index][None]
+        lam = (sign[:, None] * chain.weights[top][index])[None]
+    else:
+        const, error = _affine(chain, top, lam, torch.zeros(lam.shape[:2], dtype=lam.dtype), scale)
+        lam = lam @ chain.weights[top]
+    unit = torch.finfo(lam.dtype).eps / 2
+    for k in range(top - 1, -1, -1):  # lam is on h_k
         relax = relaxations[k]
         if record is not None:
             record[k] = lam
-        floor = relax.floor if alphas is None or alphas[k] is None else torch.where(
+        floor = relax.floor[:, None, :] if alphas is None or alphas[k] is None else torch.where(
             relax.unstable[:, None, :], alphas[k], relax.floor[:, None, :])
         positive = lam.clamp(min=0)
         negative = lam - positive
-        const = const + (negative * relax.intercept[:, None, :]).sum(-1)
-        lam = positive * (floor if floor.dim() == 3 else floor[:, None, :]) + negative * relax.chord[:, None, :]
+        cut = negative * relax.intercept[:, None, :]
+        const = const + cut.sum(-1)
+        lower, upper = positive * floor, negative * relax.chord[:, None, :]
+        lam = lower + upper
         if split_terms is not None:
             lam = lam - split_terms[k][:, None, :]
-        const = const + lam @ chain.biases[k]
+        if scale is not None:  # the chord's rounding (<= 4u of its terms), the sum, the products and the split term
+            size = scale.z[k][:, None, :]
+            error = error + 4 * unit * (-upper * size - cut).sum(-1) + _gamma(lam.shape[-1] + 1, lam.dtype) * (
+                -cut.sum(-1) + const.abs())
+            error = error + 3 * unit * ((lower - upper + (0 if split_terms is None else split_terms[k].abs()[
+                :, None, :])) * size).sum(-1)
+        step, step_error = _affine(chain, k, lam, const, scale)  # lam is on z_k
+        const, error = step, error + step_error
         lam = lam @ chain.weights[k]
     if record is not None:
         record["x"] = lam
-    return const + (lam.clamp(min=0) * x_lower[:, None, :]).sum(-1) + (lam.clamp(max=0) * x_upper[:, None, :]).sum(-1)
+    bound = const + (lam.clamp(min=0) * x_lower[:, None, :]).sum(-1) + (lam.clamp(max=0) * x_upper[:, None, :]).sum(-1)
+    if scale is None:
+        return bound
+    error = error + _gamma(lam.shape[-1] + 2, lam.dtype) * ((lam.abs() * scale.x[:, None, :]).sum(-1) + const.abs())
+    return bound - error * (1 + 1e-3)
+
+
+def _affine(chain: Chain, k: int, lam: torch.Tensor, const: torch.Tensor, scale: Scale | None):
+    """``const + lam . b_k`` and the rounding allowance of it and of the coming ``lam @ W_k`` (0 without a scale)."""
+    const = const + lam @ chain.biases[k]
+    if scale is None:
+        return const, 0
+    size = lam.abs()
+    return const, _gamma(lam.shape[-1] + 1, lam.dtype) * (size @ (chain.biases[k].abs() + scale.reach[k])
+                                                          + const.abs()) + size @ scale.merged[k]
 
 
 def _layer(chain: Chain, k: int, rows: torch.Tensor | None = None):
-    """``lam, const`` whose lower bound is ``[l; -u]`` of ``z_k`` (all neurons, or those of the boolean ``rows``)."""
-    weight, bias = chain.weights[k], chain.biases[k]
-    if rows is not None:
-        weight, bias = weight[rows], bias[rows]
-    return torch.cat([weight, -weight])[None], torch.cat([bias, -bias])[None]
+    """The rows ``(index, sign)`` whose lower bounds are ``[l; -u]`` of ``z_k`` (all neurons, or those of the boolean
+    ``rows``)."""
+    index = torch.arange(len(chain.biases[k])) if rows is None else torch.nonzero(rows).flatten()
+    dtype = chain.biases[k].dtype
+    return torch.cat([index, index]), torch.cat([torch.ones(len(index), dtype=dtype), -torch.ones(len(index),
+                                                                                                    dtype=dtype)])
 
 
 def crown_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor) -> list:
     """CROWN's bounds ``(l, u)`` ``(1, n_k)`` of every ReLU layer's input over one box (``x_lower (1, d)``): each layer
-    bounded by backward substitution through the relaxations of the layers below it."""
+    bounded by backward substitution through the relaxations of the layers below it, with its rounding allowance."""
     bounds, relaxations = [], []
     with torch.no_grad():
         for k in range(chain.depth):
-            both = backward(chain, *_layer(chain, k), k, relaxations, x_lower, x_upper)
+            both = backward(chain, _layer(chain, k), k, relaxations, x_lower, x_upper,
+                            scale=scale_of(chain, x_lower, x_upper, bounds))
             n = both.shape[1] // 2
             bounds.append((both[:, :n], -both[:, n:]))
             relaxations.append(relaxation(*bounds[-1]))
     return bounds
 
 
-def spec_top(chain: Chain, rows: torch.Tensor):
-    """``lam, const`` of the spec rows ``(B, out)`` on ``h_{K-1}``, one row per domain: ``(B, 1, n)``, ``(B, 1)``."""
-    return (rows @ chain.weights[-1])[:, None, :], (rows @ chain.biases[-1])[:, None]
+def spec_lam(rows: torch.Tensor) -> torch.Tensor:
+    """``lam`` of the spec rows ``(B, out)`` on the output, one row per domain: ``(B, 1, out)``."""
+    return rows[:, None, :]
 
 
 @dataclass
@@ -178,15 +263,17 @@ class Root:
 
 
 def _sweep(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor, crown: list,
-           unstable: list, slopes: list):
+           unstable: list, slopes: list, rigorous: bool):
     """One alpha-CROWN pass over one box: each intermediate layer's unstable neurons bounded in turn with their own
     slopes (``slopes[t - 1]`` for layer ``t``, ``slopes[-1]`` for the spec rows), through the bounds just computed for
-    the layers below; each neuron's bounds intersected with CROWN's. Returns the bounds of every layer, each
-    layer's raw ``[l; -u]`` of its unstable neurons (``(1, 2 m)``, layer 0 has none) and the rows' bounds ``(R,)``."""
+    the layers below; each neuron's bounds intersected with CROWN's; ``rigorous``: with rounding allowances. Returns
+    the bounds of every layer, each layer's raw ``[l; -u]`` of its unstable neurons (``(1, 2 m)``, layer 0 has none)
+    and the rows' bounds ``(R,)``."""
     current, sides, relaxations = [crown[0]], [None], [relaxation(*crown[0])]
     for t in range(1, chain.depth):
-        both = backward(chain, *_layer(chain, t, unstable[t]), t, relaxations, x_lower, x_upper,
-                        [s[None] for s in slopes[t - 1]])
+        scale = scale_of(chain, x_lower, x_upper, current) if rigorous else None
+        both = backward(chain, _layer(chain, t, unstable[t]), t, relaxations, x_lower, x_upper,
+                        [s[None] for s in slopes[t - 1]], scale=scale)
         m = both.shape[1] // 2
         low, up = crown[t][0].clone(), crown[t][1].clone()
         low[:, unstable[t]] = torch.maximum(both[:, :m], crown[t][0][:, unstable[t]])
@@ -194,9 +281,9 @@ def _sweep(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: tor
         current.append((low, up))
         relaxations.append(relaxation(low, up))
         sides.append(both)
-    lam, const = spec_top(chain, rows)
-    final = backward(chain, lam.transpose(0, 1), const.T, chain.depth, relaxations, x_lower, x_upper,
-                     [s[None] for s in slopes[-1]])[0]
+    scale = scale_of(chain, x_lower, x_upper, current) if rigorous else None
+    final = backward(chain, rows[None], chain.depth, relaxations, x_lower, x_upper, [s[None] for s in slopes[-1]],
+                     scale=scale)[0]
     return current, sides, final
 
 
@@ -210,9 +297,8 @@ def root_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows
     iterate starts."""
     crown = crown_bounds(chain, x_lower, x_upper)
     with torch.no_grad():
-        margins = backward(chain, *spec_top(chain, rows), chain.depth, [relaxation(*b) for b in crown],
-                           x_lower.expand(len(rows), -1),
-                           x_upper.expand(len(rows), -1))[:, 0]
+        margins = backward(chain, rows[None], chain.depth, [relaxation(*b) for b in crown], x_lower, x_upper,
+                           scale=scale_of(chain, x_lower, x_upper, crown))[0]
     alphas = [default_slopes(*b).expand(len(rows), -1).clone() for b in crown]
     unstable = [((low < 0) & (up > 0))[0] for low, up in crown]
     if iterations <= 0 or not any(bool(u.any()) for u in unstable):
@@ -228,7 +314,7 @@ def root_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows
     for iteration in range(iterations):
         if iteration and time.perf_counter() > deadline:
             break
-        _, sides, final = _sweep(fast, *fast_box, fast_rows, fast_crown, unstable, slopes)
+        _, sides, final = _sweep(fast, *fast_box, fast_rows, fast_crown, unstable, slopes, False)
         with torch.no_grad():
             for t, value in enumerate([side[0] for side in sides[1:]] + [final]):
                 better = value > best[t]
@@ -244,7 +330,7 @@ def root_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows
                     s.clamp_(0, 1)
     with torch.no_grad():
         bounds, _, final = _sweep(chain, x_lower, x_upper, rows, crown, unstable,
-                                  [[s.to(chain.weights[0].dtype) for s in layer] for layer in kept])
+                                  [[s.to(chain.weights[0].dtype) for s in layer] for layer in kept], True)
     better = final > margins
     for k in range(chain.depth):
         alphas[k][better] = kept[-1][k][better].to(alphas[k].dtype)
@@ -252,15 +338,15 @@ def root_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows
 
 
 def domain_bounds(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor,
-                  relaxations: list, splits: list, alphas: list, betas: list | None,
-                  record: dict | None = None) -> torch.Tensor:
+                  relaxations: list, splits: list, alphas: list, betas: list | None, record: dict | None = None,
+                  scale: Scale | None = None) -> torch.Tensor:
     """The lower bound ``(B,)`` of each domain's spec row ``rows (B, out)``: ``relaxations`` from
     :func:`split_relaxations` of the domains' ``splits[k] (B, n_k)`` (in {-1, 0, 1}), ``alphas[k] (B, n_k)`` lower
-    slopes, ``betas[k] (B, n_k) >= 0`` the split constraints' multipliers (None: 0)."""
+    slopes, ``betas[k] (B, n_k) >= 0`` the split constraints' multipliers (None: 0); with the ``scale`` of the
+    unsplit bounds, less its rounding allowance."""
     terms = None if betas is None else [b * s.to(b.dtype) for b, s in zip(betas, splits)]
-    lam, const = spec_top(chain, rows)
-    return backward(chain, lam, const, chain.depth, relaxations, x_lower, x_upper, [a[:, None, :] for a in alphas],
-                    terms, record)[:, 0]
+    return backward(chain, spec_lam(rows), chain.depth, relaxations, x_lower, x_upper, [a[:, None, :] for a in alphas],
+                    terms, record, scale)[:, 0]
 
 
 def optimise_domains(chain: Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, rows: torch.Tensor, bounds: list,
