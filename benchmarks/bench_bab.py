@@ -22,7 +22,7 @@ from torch import nn
 
 from certprune.certify import bab, milp
 from certprune.data import load_dataset
-from certprune.lirpa import input_box
+from certprune.boxes import input_box
 
 
 def train(width: int, depth: int, epochs: int, seed: int, data) -> nn.Sequential:

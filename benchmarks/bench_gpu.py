@@ -36,7 +36,8 @@ with warnings.catch_warnings():  # auto_LiRPA's imports warn about torch APIs; k
     from certprune import masking
     from certprune.certify.smoothing import Smooth, lower_confidence_bound
     from certprune.devices import resolve_device
-    from certprune.lirpa import BoundedModule, BoundedProxy, input_box
+    from certprune.boxes import input_box
+    from certprune.lirpa import BoundedModule, BoundedProxy
     from certprune.losses import BoundLoss
     from certprune.models import create_model
     from bench_masked_bounds import direct_step, masked_step  # the same steps as the CPU benchmark (same folder)

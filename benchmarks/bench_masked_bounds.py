@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from certprune import masking
-from certprune.lirpa import BoundedModule, BoundedTensor, PerturbationLpNorm, input_box, margin_spec
+from certprune.boxes import input_box, margin_spec
+from certprune.lirpa import BoundedModule, BoundedTensor, PerturbationLpNorm
 from certprune.losses import BoundLoss, robust_cross_entropy
 from certprune.models import create_model
 

@@ -4,7 +4,8 @@ their clipped L-inf balls) and ``certprune verify --onnx/--instances`` (VNN-LIB 
 Each box carries a property "``logit_label > logit_j`` for every ``j`` in its classes". The stages run cheapest first,
 each only on the boxes still open: bound methods (IBP, CROWN-IBP, CROWN, alpha-CROWN, in float64: a box is verified
 when every margin's lower bound proves it positive under the rule of :mod:`certprune.certify.proof`) and last the
-MILP (PGD inside the box, then the exact program: verified, falsified or unknown at its time limit). A counterexample counts only after a plain forward pass at a point of the ``inner`` box
+complete stages, branch and bound and the MILP (each with PGD first: verified, falsified or unknown at the time
+limit they share). A counterexample counts only after a plain forward pass at a point of the ``inner`` box
 (the real box rounded inward) violates the property; the bounds cover the box rounded outward.
 """
 from __future__ import annotations
@@ -16,19 +17,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from certprune.certify import proof
-from certprune.lirpa import BoundedProxy, spec_of
+from certprune.boxes import spec_of
+from certprune.lirpa import BoundedProxy
 
 log = logging.getLogger("certprune")
 
-STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")  # the cascade's order, cheapest first
-MILP_CHUNK = 16  # boxes per call of the MILP (its progress bar moves per chunk)
+STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "BaB", "MILP")  # the cascade's order, cheapest first
+COMPLETE = ("BaB", "MILP")  # the stages that decide a box either way: they share its time limit
+MILP_CHUNK = 16  # boxes per call of a complete stage (its progress bar moves per chunk)
+
+
+def complete_stage(name) -> str | None:
+    """The spelling of :data:`COMPLETE` that ``name`` means, case-insensitively; None for a bound method."""
+    return next((stage for stage in COMPLETE if str(name).lower() == stage.lower()), None)
 
 
 class Cascade:
     """Boxes ``lower``/``upper`` ``(N, *input)`` with their ``labels`` and ``others`` (per box, the classes its label
     must beat; None: every other class), and what each stage has found about them. Per box: ``stage`` (1 + the index
-    in :data:`STAGES` of the stage that verified it, 0 for none), ``falsified``, ``falsified_by`` ("PGD", "MILP" or
-    the caller's word), ``margin`` (the best proven margin lower bound, or a counterexample's margin), ``seconds``
+    in :data:`STAGES` of the stage that verified it, 0 for none), ``falsified``, ``falsified_by`` ("PGD", "BaB",
+    "MILP" or the caller's word), ``margin`` (the best proven margin lower bound, or a counterexample's margin), ``seconds``
     and ``counterexamples``."""
 
     def __init__(self, model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, labels: torch.Tensor,
@@ -86,14 +94,14 @@ class Cascade:
             self.stage[index[proof.proves(margins)]] = STAGES.index(method) + 1
 
     def _bounds(self, compute):
-        """``compute(proxy)`` on the float64 proxy, in auto_LiRPA's fast patches mode for convolutions; where that
-        mode fails an assertion (auto_LiRPA 0.3 mishandles some layouts, a ReLU before the first Conv2d among them),
-        on a proxy in its matrix mode from then on (slower, and equal where both run)."""
+        """``compute(proxy)`` on the float64 proxy, in the conv mode it chose; where patches mode fails (auto_LiRPA 0.3
+        mishandles some layouts: an assertion, a storage or stride error), on a proxy in its matrix mode from then on
+        (slower, and equal where both run)."""
         self._proxy = self._proxy or BoundedProxy(self.model, self.lower[:1], torch.float64)
         with torch.no_grad():
             try:
                 return compute(self._proxy)
-            except AssertionError:
+            except (AssertionError, RuntimeError, TypeError):  # patches mode's failures (a shape or stride it misreads)
                 if self._proxy.conv_mode == "matrix":
                     raise
                 self._proxy = BoundedProxy(self.model, self.lower[:1], torch.float64, "matrix")
@@ -112,32 +120,53 @@ class Cascade:
                         "there", method, int((~fine).sum()))
         return torch.where(fine[:, None], margins, torch.full_like(margins, float("-inf")))
 
-    def exact(self, todo: torch.Tensor, time_limit: float, attack_steps: int = 20) -> None:
-        """The MILP on the boxes ``todo`` (CROWN's ReLU bounds where the cascade kept them), with a progress bar
-        of the verified / falsified / unknown counts."""
-        from certprune.certify import milp  # scipy's MILP and the attack load only for complete verification
-
+    def complete(self, method: str, todo: torch.Tensor, limits: torch.Tensor, attack_steps: int = 20) -> None:
+        """A complete stage, "BaB" (:mod:`certprune.certify.bab`) or "MILP" (:mod:`certprune.certify.milp`, with
+        CROWN's ReLU bounds where the cascade kept them), on the boxes ``todo``, box ``i`` within ``limits[i]``
+        seconds (a box with none left stays open), with a progress bar of the verified / falsified / unknown counts."""
+        todo = todo[limits[todo] > 0]
         counts = {"verified": 0, "falsified": 0, "unknown": 0}
-        with tqdm(total=len(todo), desc="verify MILP", leave=False, disable=None) as bar:
+        with tqdm(total=len(todo), desc=f"verify {method}", leave=False, disable=None) as bar:
             for start in range(0, len(todo), MILP_CHUNK):
                 index = todo[start:start + MILP_CHUNK].tolist()
-                kept = [self.relus.get(i) for i in index]
-                relu_bounds = None if any(k is None for k in kept) else [
-                    tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1))
-                    for layer in range(len(kept[0]))]
-                outcomes = milp.decide_box(
-                    self.model, self.lower[index], self.upper[index], self.labels[index],
-                    None if self.others is None else [self.others[i] for i in index], time_limit, relu_bounds,
-                    self.class_bounds[index] if relu_bounds is not None else None, attack_steps,
-                    (self.inner[0][index], self.inner[1][index]))
-                for i, outcome in zip(index, outcomes):
-                    self.seconds[i] += outcome.seconds
-                    self.margin[i] = outcome.margin_lower_bound
-                    if outcome.status == "verified":
-                        self.stage[i] = STAGES.index("MILP") + 1
-                    elif outcome.status == "falsified":  # decide_box re-checked it in the inner box
-                        self.falsified[i], self.falsified_by[i] = True, outcome.stats.get("by", "MILP")
-                        self.counterexamples[i] = outcome.counterexample.to(self.lower.device, self.lower.dtype)
+                decide = self._milp if method == "MILP" else self._bab
+                for i, outcome in zip(index, decide(index, limits, attack_steps)):
+                    self._record(i, outcome, method)
                     counts[outcome.status] += 1
                 bar.update(len(index))
                 bar.set_postfix(counts)
+
+    def _milp(self, index: list[int], limits: torch.Tensor, attack_steps: int) -> list:
+        from certprune.certify import milp  # scipy's MILP and the attack load only for complete verification
+
+        kept = [self.relus.get(i) for i in index]
+        relu_bounds = None if any(k is None for k in kept) else [
+            tuple(torch.stack([k[layer][side] for k in kept]) for side in (0, 1)) for layer in range(len(kept[0]))]
+        return milp.decide_box(
+            self.model, self.lower[index], self.upper[index], self.labels[index],
+            None if self.others is None else [self.others[i] for i in index], float(limits[index].min()),
+            relu_bounds, self.class_bounds[index] if relu_bounds is not None else None, attack_steps,
+            (self.inner[0][index], self.inner[1][index]))
+
+    def _bab(self, index: list[int], limits: torch.Tensor, attack_steps: int) -> list:
+        from certprune.certify import bab
+        from certprune.certify.milp_encoding import network
+
+        self._network = getattr(self, "_network", None) or network(self.model, self.lower[:1])
+        settings = bab.Settings(attack_steps=attack_steps)
+        return [bab.verify_box(self.model, self.lower[i], self.upper[i], int(self.labels[i]),
+                               None if self.others is None else self.others[i], float(limits[i]), self._network,
+                               (self.inner[0][i], self.inner[1][i]), settings) for i in index]
+
+    def _record(self, i: int, outcome, method: str) -> None:
+        """Box ``i``'s outcome of a complete stage: a proof, a counterexample (re-checked by the stage in the inner
+        box) or, for unknown, the best bound it proved."""
+        self.seconds[i] += outcome.seconds
+        if outcome.status == "falsified":
+            self.falsified[i], self.falsified_by[i] = True, outcome.stats.get("by", method)
+            self.margin[i] = outcome.margin_lower_bound
+            self.counterexamples[i] = outcome.counterexample.to(self.lower.device, self.lower.dtype)
+            return
+        self.margin[i] = max(float(self.margin[i]), float(outcome.margin_lower_bound))
+        if outcome.status == "verified":
+            self.stage[i] = STAGES.index(method) + 1

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from certprune.atomic import atomic_write_text
-from certprune.certify.cascade import STAGES, Cascade
+from certprune.certify.cascade import COMPLETE, STAGES, Cascade, complete_stage
 from certprune.certify.onnx_import import load_onnx
 from certprune.certify.vnnlib import read_vnnlib
 from certprune.lirpa import canonical_method
@@ -73,7 +73,7 @@ def check_instances(instances: list[Instance], methods) -> list[str]:
     names = []
     for method in methods:
         try:
-            names.append("MILP" if str(method).upper() == "MILP" else canonical_method(method))
+            names.append(complete_stage(method) or canonical_method(method))
         except ValueError:
             raise ValueError(f"unknown verification method {method}; choose from {', '.join(STAGES)}") from None
     return sorted(set(names), key=STAGES.index)
@@ -123,15 +123,14 @@ def _decide(model, shape, props, methods, limits, batch_size, alpha_iterations, 
         if method == "centre":
             for i in todo.tolist():
                 cascade.falsify(i, (cascade.lower[i] + cascade.upper[i]) / 2, "centre")
-        elif method == "MILP":
+        elif method in COMPLETE:
             for i in todo.tolist():  # one at a time: each property has its own time left
-                left = limits[i] - float(cascade.seconds[i])
-                if left > 0:
-                    cascade.exact(torch.tensor([i]), left, attack_steps)
+                cascade.complete(method, torch.tensor([i]), torch.tensor(limits, dtype=torch.float64)
+                                 - cascade.seconds, attack_steps)
                 emit_decided()
         else:
             cascade.bound(method, todo, batch_size, "MILP" in methods, alpha_iterations, alpha_lr)
-        if method != "MILP" and len(todo):
+        if method not in COMPLETE and len(todo):
             cascade.seconds[todo] += (time.perf_counter() - started) / len(todo)
         emit_decided()
     for i in range(len(props)):

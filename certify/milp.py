@@ -30,7 +30,8 @@ from certprune.attacks import PGD
 from certprune.certify import proof
 from certprune.certify.milp_encoding import BoundsDisagree, Network, Program, network, output_bounds, program, \
     tightened_bounds
-from certprune.lirpa import BoundedProxy, input_box, spec_of
+from certprune.boxes import input_box, spec_of
+from certprune.lirpa import BoundedProxy
 
 log = logging.getLogger("certprune")
 # HiGHS's own feasibility tolerances (1e-6 .. 1e-7 by default) tightened to the proof rule's; scipy passes them on.

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from certprune import distributed
-from certprune.lirpa import METHODS, canonical_method, input_box
+from certprune.boxes import input_box
+from certprune.lirpa import METHODS, canonical_method
 from certprune.quantities import parse_eps
 
-from .cascade import STAGES, Cascade
+from .cascade import COMPLETE, STAGES, Cascade, complete_stage
 
 
 
@@ -53,7 +54,7 @@ def verify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, metho
 
 def _spelling(name) -> str:
     try:
-        return "MILP" if str(name).upper() == "MILP" else canonical_method(name)
+        return complete_stage(name) or canonical_method(name)
     except ValueError:
         return "?"
 
@@ -122,16 +123,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
     prediction, correct = logits.argmax(1).cpu(), (logits.argmax(1) == y).cpu()
     cascade = Cascade(model, *input_box(x, eps), y, None, input_box(x, eps, outward=False))
     figures: dict = {"eps": eps, "verify_method": "cascade " + "+".join(methods), "verified_examples": n}
+    complete_seconds = torch.zeros(len(x), dtype=torch.float64)  # per image: the complete stages share its timeout
     for method in methods:
         todo = cascade.open(correct)  # a misclassified image is neither verified nor falsified: it is not robust
         started = time.perf_counter()
-        if method == "MILP":
-            cascade.exact(todo, float(settings.timeout), getattr(settings, "milp_attack_steps", 20))
+        if method in COMPLETE:
+            before = cascade.seconds.clone()
+            cascade.complete(method, todo, float(settings.timeout) - complete_seconds,
+                             getattr(settings, "milp_attack_steps", 20))
+            complete_seconds += cascade.seconds - before
         elif len(todo):
             cascade.bound(method, todo, int(settings.batch_size), "MILP" in methods, settings.alpha_iterations,
                           settings.alpha_lr)
         spent = time.perf_counter() - started
-        if method != "MILP" and len(todo):
+        if method not in COMPLETE and len(todo):
             cascade.seconds[todo] += spent / len(todo)
         figures[f"seconds_{method_key(method)}"] = distributed.mean_across_ranks({"s": spent})["s"]
     return _summary(figures, methods, cascade, prediction, y, positions, n)
@@ -162,7 +167,7 @@ def _summary(figures, methods, cascade, prediction, y, positions, n) -> dict:
     """Merge the ranks' shares and turn the per-image state into figures and records."""
     merge = lambda values: distributed.merge(values, positions, n)  # noqa: E731
     stage, falsified = merge(cascade.stage), merge(cascade.falsified)
-    by_attack = merge(torch.tensor([by == "PGD" for by in cascade.falsified_by], dtype=torch.bool))
+    by = merge(torch.tensor([STAGES.index(by) + 1 if by in STAGES else 0 for by in cascade.falsified_by]))
     margin, seconds, prediction, label = (merge(cascade.margin), merge(cascade.seconds), merge(prediction),
                                           merge(y.cpu()))
     flat = cascade.counterexamples.flatten(1)
@@ -173,7 +178,7 @@ def _summary(figures, methods, cascade, prediction, y, positions, n) -> dict:
     figures["_per_image"] = [
         {"index": i, "label": int(label[i]), "prediction": int(prediction[i]),
          "verified_by": STAGES[int(stage[i]) - 1] if stage[i] > 0 else "", "falsified": bool(falsified[i]),
-         "falsified_by": ("PGD" if by_attack[i] else "MILP") if falsified[i] else "",
+         "falsified_by": (STAGES[int(by[i]) - 1] if by[i] > 0 else "PGD") if falsified[i] else "",
          "margin_lower_bound": float(margin[i]) if torch.isfinite(margin[i]) else None,
          "seconds": float(seconds[i])} for i in range(n)]
     figures.update(figures_of(figures["_per_image"], methods))

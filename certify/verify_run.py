@@ -25,7 +25,7 @@ from certprune.config import VerifyConfig
 from certprune.runs import RunError, model_fingerprint, read_image_table
 
 from . import verify
-from .cascade import MILP_CHUNK  # images per flush when the MILP runs: an interruption loses at most their work
+from .cascade import COMPLETE, MILP_CHUNK  # images per flush when the MILP runs: an interruption loses at most their work
 
 TSV_COLUMNS = ("index", "label", "prediction", "verified_by", "falsified", "falsified_by", "margin_lower_bound",
                "seconds")
@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings) -> di
     stage_seconds = json.loads(sidecar.read_text()).get("stage_seconds", {})
     position = {index: place for place, index in enumerate(indices)}
     todo = [index for index in indices if index not in rows]
-    chunk = (MILP_CHUNK if "MILP" in methods else int(section.batch_size)) * distributed.world_size()
+    chunk = (MILP_CHUNK if set(COMPLETE) & set(methods) else int(section.batch_size)) * distributed.world_size()
     main = distributed.is_main()
     counts = {outcome: 0 for outcome in ("verified", "falsified", "unknown")}
     with tqdm(total=len(indices), initial=len(indices) - len(todo), unit="img", desc=f"verify {'+'.join(methods)}",

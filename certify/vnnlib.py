@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from certprune.boxes import spec_of
+
 _TOKEN = re.compile(r"\(|\)|[^\s()]+")
 _VARIABLE = re.compile(r"([XY])_(\d+)")
 _DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -44,9 +46,7 @@ class Property:
 
     def spec(self) -> torch.Tensor:
         """The ``(len(others), num_outputs)`` matrix of rows ``e_label - e_j``: a proven lower bound > 0 of
-        ``spec @ logits`` over the box proves the property (:func:`certprune.lirpa.spec_of` for one input)."""
-        from certprune.lirpa import spec_of  # auto_LiRPA loads only for bounds
-
+        ``spec @ logits`` over the box proves the property (:func:`certprune.boxes.spec_of` for one input)."""
         return spec_of(torch.tensor([self.label]), [self.others], self.num_outputs)[0]
 
 

@@ -168,12 +168,13 @@ NOT_RECORDED = "interrupted; nothing was recorded"
 @click.option("--out", type=click.Path(), help="With --onnx or --instances: a tab-separated file of the verdicts.")
 @click.option("--eps", help="L-inf budget, 0.1 or 8/255 [the run's verify.eps, else its training eps].")
 @click.option("--method", "methods", multiple=True,
-              help="Bound methods in cascade order (repeatable): IBP, CROWN, CROWN-IBP, alpha-CROWN, MILP "
+              help="Verification stages in cascade order (repeatable): IBP, CROWN, CROWN-IBP, alpha-CROWN, BaB, MILP "
               + _default(VerifyConfig, "bound_methods"))
 @MAX_OPTION
 @SKIP_OPTION
 @click.option("--batch-size", type=int, help="Images bounded at once " + _default(VerifyConfig, "batch_size"))
-@click.option("--timeout", type=float, help="Seconds per image of the MILP stage " + _default(VerifyConfig, "timeout")
+@click.option("--timeout", type=float, help="Seconds per image of the complete stages (BaB, MILP) "
+              + _default(VerifyConfig, "timeout")
               + "; with --onnx/--instances, per instance over all stages [instances.csv's, else 10].")
 @click.option("--restart", is_flag=True, help="Discard the verdicts already in the run's verify TSV (or the --out "
               "file of --onnx/--instances) instead of resuming them.")

@@ -24,7 +24,7 @@ from .sources import REGISTRY, check_settings
 log = logging.getLogger("certprune")
 
 
-BOUND_METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN", "MILP")
+BOUND_METHODS = ("IBP", "CROWN", "CROWN-IBP", "alpha-CROWN", "BaB", "MILP")
 BOUND_LOSSES = ("ibp", "crown-ibp", "sabr", "mtl-ibp", "cc-ibp", "exp-ibp")  # ramp eps in pretraining
 PRETRAIN_RAMP = 0.4  # a bound loss pretrained without an eps ramp stays at chance: ramp over the first 40 %
 
@@ -81,7 +81,7 @@ class VerifyConfig(ImageSelection):
     bound_methods: list[Annotated[str, AfterValidator(_bound_method)]] = Field(
         default_factory=lambda: ["IBP", "CROWN"], min_length=1)
     batch_size: PositiveInt = 256
-    timeout: PositiveFloat = 10.0  # seconds per image of the complete (MILP) stage
+    timeout: PositiveFloat = 10.0  # seconds per image of the complete stages (BaB, MILP), shared
     alpha_iterations: PositiveInt = 10  # alpha-CROWN's steps and lr, measured in certprune/lirpa.py
     alpha_lr: PositiveFloat = 0.5
     milp_attack_steps: Annotated[StrictInt, Field(ge=0)] = 20  # PGD before each MILP (0: the MILP alone)

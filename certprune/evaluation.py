@@ -123,7 +123,7 @@ def evaluate_run(source: str | Path, requests: dict[str, dict[str, Any] | None],
         data = data or load_dataset(config.dataset, config.data_dir)
         model = (model if model is not None else load_run(model_path)).to(device)
         for section, settings, _ in plans:  # before the first image: a stage the model cannot take
-            if section == "verify" and "MILP" in settings.bound_methods:
+            if section == "verify" and {"BaB", "MILP"} & set(settings.bound_methods):
                 check_milp(model, config.model)
         x_all, y_all = data.test_x.to(device), data.test_y.to(device)
         clean: dict[tuple, float] = {}

@@ -9,13 +9,13 @@ effective tensors, from where autograd carries it on to scores (straight-through
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import torch
 from torch import nn
 
 from . import lirpa_compat, masking
+from .boxes import input_box, margin_spec, normalized_box
 from .models import Normalize
 
 with warnings.catch_warnings():  # auto_LiRPA 0.3 uses APIs that torch 2 deprecates
@@ -41,55 +41,6 @@ def canonical_method(name: str) -> str:
         if str(name).lower() == method.lower():
             return method
     raise ValueError(f"unknown bound method {name!r}; choose from {', '.join(METHODS)}")
-
-
-def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Spec matrix ``C`` with rows ``e_y - e_j`` for every ``j != y``: shape ``(B, num_classes - 1, num_classes)``.
-
-    A lower bound > 0 on every row proves the true class beats all others.
-    """
-    eye = torch.eye(num_classes, device=labels.device)
-    spec = eye[labels].unsqueeze(1) - eye.unsqueeze(0)  # (B, C, C): row j is e_y - e_j
-    keep = eye[labels] == 0  # drop the row j == y
-    return spec[keep].view(len(labels), num_classes - 1, num_classes)
-
-
-def spec_of(labels: torch.Tensor, others, num_classes: int) -> torch.Tensor:
-    """The rows ``e_label - e_j`` for ``j`` in each property's ``others`` (None: :func:`margin_spec`), padded to the
-    longest by repeating a property's first row (the minimum over rows is unchanged)."""
-    if others is None:
-        return margin_spec(labels, num_classes)
-    eye, width = torch.eye(num_classes, device=labels.device), max(len(o) for o in others)
-    rows = [eye[int(label)] - eye[list(o) + [o[0]] * (width - len(o))] for label, o in zip(labels, others)]
-    return torch.stack(rows)
-
-
-def input_box(x: torch.Tensor, eps: float, lower: float = 0.0, upper: float = 1.0, outward: bool = True):
-    """The L-inf ball of radius ``eps`` around ``x`` clipped to the valid pixel domain ``[lower, upper]``, in
-    ``x``'s dtype. ``x - eps`` rounds to the nearest float, which can lie inside the real ball by half an ulp: a
-    proof needs the box rounded ``outward`` (never narrower than the real one), a counterexample a point of the box
-    rounded inward (never outside it)."""
-    exact_low, exact_up = ((x.double() + shift).clamp(lower, upper) for shift in (-eps, eps))
-    low, up = exact_low.to(x.dtype), exact_up.to(x.dtype)
-    if outward:
-        low = torch.where(low > exact_low, torch.nextafter(low, torch.full_like(low, -math.inf)), low)
-        up = torch.where(up < exact_up, torch.nextafter(up, torch.full_like(up, math.inf)), up)
-    else:
-        low = torch.where(low < exact_low, torch.nextafter(low, torch.full_like(low, math.inf)), low)
-        up = torch.where(up > exact_up, torch.nextafter(up, torch.full_like(up, -math.inf)), up)
-    return low, up
-
-
-def normalized_box(normalize: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
-    """The smallest float box that contains ``normalize``'s image of ``[lower, upper]``: the per-channel map
-    ``(x - mean) / std`` is evaluated in float64, its two ends ordered (a negative std reverses them), then rounded
-    one float step outward, so the mapped box never loses a point of the exact one to rounding."""
-    if isinstance(normalize, nn.Identity):
-        return lower, upper
-    ends = [(end.double() - normalize.mean.double()) / normalize.std.double() for end in (lower, upper)]
-    low, up = torch.minimum(*ends), torch.maximum(*ends)
-    return (torch.nextafter(low.to(lower.dtype), torch.full_like(lower, -math.inf)),
-            torch.nextafter(up.to(upper.dtype), torch.full_like(upper, math.inf)))
 
 
 class _ChainToModel(torch.autograd.Function):
@@ -120,16 +71,18 @@ class _ChainToModel(torch.autograd.Function):
         return (None, *grads)
 
 
-def _conv_mode(model: nn.Module) -> str:
-    """auto_LiRPA 0.3's patches mode is sound only for square convolutions: with unequal strides or paddings it
-    returned a lower bound above the network's own output (0.108 against 0.048, found by the soundness fuzzer), or
-    failed. Matrix mode is general, and slower (5-6x for CROWN on cnn-small), so it serves only where needed."""
+def _conv_mode(model: nn.Module, example_input: torch.Tensor) -> str:
+    """auto_LiRPA 0.3's patches mode is sound only for square convolutions on square images: with unequal strides or
+    paddings it returned a lower bound above the network's own output (0.108 against 0.048, found by the soundness
+    fuzzer), and on a 5x4 image it failed. Matrix mode is general, and slower (5-6x for CROWN on cnn-small), so it
+    serves only where needed."""
     def square(conv: nn.Conv2d) -> bool:
         return not isinstance(conv.padding, str) and conv.groups == 1 and all(
             len(set(v)) == 1 for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    return "patches" if all(square(conv) for conv in convs) else "matrix"
+    square_image = example_input.dim() != 4 or example_input.shape[2] == example_input.shape[3]
+    return "patches" if square_image and all(square(conv) for conv in convs) else "matrix"
 
 
 class BoundedProxy:
@@ -143,13 +96,13 @@ class BoundedProxy:
     verification in float64, so that rounding cannot lift a bound over the proof rule's tolerance
     (:mod:`certprune.certify.proof`). The model's float32 weights convert to float64 exactly. ``conv_mode``:
     auto_LiRPA's representation of convolutions, "patches" (fast) or "matrix" (general); by default patches where
-    every convolution is square (:func:`_conv_mode`).
+    every convolution and the image are square (:func:`_conv_mode`).
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, dtype: torch.dtype | None = None,
                  conv_mode: str | None = None):
         dtype = dtype or next((p.dtype for p in model.parameters()), torch.get_default_dtype())
-        self.model, self.dtype, self.conv_mode = model, dtype, conv_mode or _conv_mode(model)
+        self.model, self.dtype, self.conv_mode = model, dtype, conv_mode or _conv_mode(model, example_input)
         self.num_classes = self._infer_classes(model, example_input)
         example_input = example_input.to(dtype)
         plain = masking.dense_copy(model).to(dtype)

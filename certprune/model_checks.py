@@ -46,9 +46,11 @@ def check_fits(model: nn.Module, data, spec: str) -> None:
 
 
 def check_milp(model: nn.Module, spec: str) -> None:
+    """The complete stages (the MILP and branch and bound) read the network as one chain of affine maps and ReLUs."""
     if not (isinstance(model, nn.Sequential) and all(isinstance(layer, MILP_LAYERS) for layer in model)):
-        raise ValueError(f"the MILP encodes a plain nn.Sequential of {', '.join(t.__name__ for t in MILP_LAYERS)} "
-                         f"only, which model {spec} is not; drop MILP from verify.bound_methods")
+        raise ValueError(f"the complete stages (MILP, BaB) take a plain nn.Sequential of "
+                         f"{', '.join(t.__name__ for t in MILP_LAYERS)} only, which model {spec} is not; drop them "
+                         "from verify.bound_methods")
 
 
 def check(model: nn.Module, config) -> None:
@@ -63,5 +65,5 @@ def check(model: nn.Module, config) -> None:
                          "prunable layers must be Conv2d or Linear")
     for allocation in dict.fromkeys([config.prune.allocation, *(config.allocations or [])]):
         masking.check_granularity(config.prune.granularity, allocation, model, config.prune.channel_scores)
-    if config.verify is not None and "MILP" in config.verify.bound_methods:
+    if config.verify is not None and {"BaB", "MILP"} & set(config.verify.bound_methods):
         check_milp(model, config.model)

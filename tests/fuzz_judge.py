@@ -32,10 +32,11 @@ from scipy.optimize import linprog
 
 from certprune.certify.bab import Settings as BabSettings
 from certprune.certify.bab import verify_box as bab_verify
-from certprune.certify.cascade import Cascade
+from certprune.certify.cascade import STAGES, Cascade
 from certprune.certify.instances import read_instances, verify_instances
 from certprune.certify.onnx_import import load_onnx
-from certprune.lirpa import BoundedProxy, spec_of
+from certprune.boxes import spec_of
+from certprune.lirpa import BoundedProxy
 from fuzz_networks import Case, Network, Property, forward, write_case
 
 BOUND_STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
@@ -227,7 +228,7 @@ def _direct(model, shape, props: list, stages: list, milp_limit: float, alpha_it
             break
         try:
             if method == "MILP":  # without its PGD step, so that the program itself decides (and is judged)
-                cascade.exact(todo, milp_limit, attack_steps=0)
+                cascade.complete("MILP", todo, torch.full((len(cascade.lower),), float(milp_limit)), attack_steps=0)
             else:
                 cascade.bound(method, todo, 64, "MILP" in stages, alpha_iterations, 0.5)
         except Exception as error:  # a crash on an accepted network is a finding, not the end of the case
@@ -235,7 +236,7 @@ def _direct(model, shape, props: list, stages: list, milp_limit: float, alpha_it
     results = []
     for i in range(len(props)):
         verdict = "verified" if cascade.stage[i] else "falsified" if cascade.falsified[i] else "unknown"
-        by = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "MILP")[int(cascade.stage[i]) - 1] if cascade.stage[i] \
+        by = STAGES[int(cascade.stage[i]) - 1] if cascade.stage[i] \
             else cascade.falsified_by[i]
         margin = float(cascade.margin[i])
         results.append((verdict, by, margin if math.isfinite(margin) else None,

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from certprune import lirpa_compat, masking
-from certprune.lirpa import BoundedProxy, input_box, margin_spec
+from certprune.boxes import input_box, margin_spec
+from certprune.lirpa import BoundedProxy
 from certprune.models import VERIFIABLE, create_model
 
 with warnings.catch_warnings():  # after certprune.lirpa, which applies the compatibility shims auto_LiRPA needs

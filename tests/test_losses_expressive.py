@@ -19,7 +19,7 @@ from torch import nn
 from certprune import masking
 from certprune.cli_common import build_config
 from certprune.config import load_config
-from certprune.lirpa import input_box, margin_spec
+from certprune.boxes import input_box, margin_spec
 from certprune.losses import LOSSES, make_loss, robust_cross_entropy
 from certprune.losses.expressive import CCIBPLoss, ExpIBPLoss, MTLIBPLoss, SABRLoss, margins, small_box
 from certprune.models import create_model

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from certprune import masking
-from certprune.lirpa import BoundedProxy, input_box, margin_spec
+from certprune.boxes import input_box, margin_spec
+from certprune.lirpa import BoundedProxy
 from certprune.losses import make_loss
 from certprune.losses.warmup import relu_input_intervals, warmup_regulariser
 from certprune.models import create_model

@@ -23,7 +23,8 @@ from certprune.certify.cascade import Cascade
 from certprune.certify.instances import Instance, verify_instances
 from certprune.certify.milp_encoding import BoundsDisagree, network, tightened_bounds
 from certprune.certify.onnx_import import load_onnx
-from certprune.lirpa import BoundedProxy, margin_spec, normalized_box
+from certprune.boxes import margin_spec, normalized_box
+from certprune.lirpa import BoundedProxy
 from certprune.models import Normalize
 
 BOUND_STAGES = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
@@ -161,7 +162,7 @@ def test_a_final_relu_is_not_verified_by_any_stage():
     cascade = Cascade(model, torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([0]))
     for stage in BOUND_STAGES:
         cascade.bound(stage, cascade.open(), 8)
-    cascade.exact(cascade.open(), 10.0)
+    cascade.complete("MILP", cascade.open(), torch.full((len(cascade.lower),), 10.0))
     assert not cascade.stage.any() and cascade.falsified.all()
 
 
@@ -188,7 +189,7 @@ def test_a_nan_or_infinite_bound_proves_nothing_in_a_bound_stage(monkeypatch, ba
     cascade = Cascade(false_property_net(), torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([0]))
     cascade.bound("IBP", cascade.open(), 8)
     assert not cascade.stage.any() and cascade.margin[0] == float("-inf")
-    cascade.exact(cascade.open(), 10.0)
+    cascade.complete("MILP", cascade.open(), torch.full((len(cascade.lower),), 10.0))
     assert cascade.falsified.all()
 
 
@@ -259,6 +260,21 @@ def test_convolutions_with_unequal_pads_are_bounded_soundly():
     assert BoundedProxy(nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1)), lower[:1]).conv_mode == "patches"
 
 
+def test_convolutions_on_images_that_are_not_square_are_bounded_in_matrix_mode():
+    """Patches mode failed (a storage error) on a 5x4 image with square convolutions; found by the fuzzer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 3, 3, 2, 1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6, 3)).eval()
+    x = torch.rand(3, 1, 5, 4)
+    proxy = BoundedProxy(model, x[:1], torch.float64)
+    bounds = proxy.box_spec_bounds(x - 0.05, x + 0.05, margin_spec(model(x).argmax(1), 3), ["CROWN"])[0]
+    samples = x[:, None] - 0.05 + 0.1 * torch.rand(3, 500, 1, 5, 4)
+    with torch.no_grad():
+        margins = torch.einsum("brc,bsc->bsr", margin_spec(model(x).argmax(1), 3),
+                               model(samples.flatten(0, 1)).view(3, 500, 3)).min(1).values
+    assert proxy.conv_mode == "matrix" and (bounds <= margins.double() + 1e-6).all()
+
+
 def test_alpha_crown_bounds_small_networks_auto_lirpa_failed_on():
     """auto_LiRPA 0.3's sparse intermediate bounds failed an assertion in alpha-CROWN on about a tenth of small-MLP
     boxes; with them off, alpha-CROWN is at least CROWN and at most every sampled margin."""
@@ -296,7 +312,7 @@ def test_a_network_auto_lirpas_patches_mode_cannot_bound_is_bounded_in_matrix_mo
     """Should patches mode fail an assertion on a network it is chosen for, the cascade bounds in matrix mode from
     then on, and its bounds are sound (at or below every sampled margin)."""
     model, centre, labels = patches_mode_failure()
-    monkeypatch.setattr("certprune.lirpa._conv_mode", lambda model: "patches")
+    monkeypatch.setattr("certprune.lirpa._conv_mode", lambda model, example: "patches")
     cascade = Cascade(model, centre - 0.05, centre + 0.05, labels)
     cascade.bound("CROWN", cascade.open(), 8)
     assert cascade._proxy.conv_mode == "matrix" and torch.isfinite(cascade.margin).all()
@@ -319,3 +335,12 @@ def test_the_solvers_own_prints_do_not_reach_the_user(monkeypatch, capfd):
     outcome = milp.verify_box(final_relu_net(), torch.zeros(1), torch.ones(1), 0, None, 10.0)
     print("after")
     assert outcome.status == "falsified" and capfd.readouterr().out == "after\n"
+
+
+@pytest.mark.parametrize("stage", ["BaB", "MILP"])
+def test_only_a_complete_stages_verified_outcome_marks_a_box_verified(stage):
+    cascade = Cascade(false_property_net(), torch.zeros(2, 1), torch.ones(2, 1), torch.tensor([0, 0]))
+    cascade._record(0, milp.Outcome("unknown", 0.25, None, 1.5, {"why": "timeout"}), stage)
+    cascade._record(1, milp.Outcome("verified", 0.5, None, 2.0, {}), stage)
+    assert cascade.stage.tolist() == [0, 5 if stage == "BaB" else 6] and not cascade.falsified.any()
+    assert cascade.margin.tolist() == [0.25, 0.5] and cascade.seconds.tolist() == [1.5, 2.0]

@@ -20,10 +20,12 @@ from certprune.certify import export, milp
 from certprune.certify import instances
 from certprune.certify.instances import read_instances, verify_instances
 from certprune.certify.onnx_import import load_onnx
+from certprune.certify.cascade import Cascade
 from certprune.certify.verify import evaluate
 from certprune.certify.vnnlib import parse_vnnlib
 from certprune.data import load_dataset
-from certprune.lirpa import BoundedProxy, spec_of
+from certprune.boxes import spec_of
+from certprune.lirpa import BoundedProxy
 from certprune.models import Normalize, create_model
 from helpers import assert_one_line_error, run, trained_7x7
 
@@ -281,10 +283,48 @@ def test_one_time_limit_covers_all_of_an_instances_stages(exported, monkeypatch)
     they used it all."""
     chosen = read_instances(exported / "instances.csv")
     given = []
-    monkeypatch.setattr(instances.Cascade, "exact", lambda self, todo, limit, *a: given.append(limit))
+    monkeypatch.setattr(instances.Cascade, "complete", lambda self, method, todo, limits, *a: given.append(
+        float(limits[todo].min())))
     monkeypatch.setattr(instances.Cascade, "bound", lambda self, method, todo, *a: self.seconds.__setitem__(
         todo, self.seconds[todo] + 4.0))  # each bound stage takes 4 s of every open instance's time
     records = verify_instances(chosen, ["IBP", "CROWN", "MILP"], timeout=10.0)
     assert given == [pytest.approx(2.0, abs=0.5)] * len(chosen)
     records = verify_instances(chosen, ["IBP", "CROWN", "alpha-CROWN", "MILP"], timeout=10.0)
-    assert len(given) == len(chosen) and {r["verdict"] for r in records} == {"unknown"}
+    assert all(limit <= 0 for limit in given[len(chosen):]) and {r["verdict"] for r in records} == {"unknown"}
+
+
+def test_branch_and_bound_in_the_cascade_agrees_with_the_milp_on_every_image_both_decide(trained):
+    """The two complete stages answer the same question by different algorithms: where both decide an image, they
+    agree; each counterexample is in the ball and misclassified; BaB leaves no image the MILP decides open."""
+    model, x, y = trained
+    verdicts = {}
+    for stage in ("BaB", "MILP"):
+        settings = types.SimpleNamespace(eps=EPS, bound_methods=["IBP", stage], batch_size=16, timeout=5.0,
+                                         alpha_iterations=3, alpha_lr=0.5)
+        figures = evaluate(model, x, y, settings)
+        verdicts[stage] = run_verdicts(figures["_per_image"])
+        for index, found in zip(figures["_counterexample_index"], figures["_counterexamples"]):
+            assert ((found.double() - x[index].double()).abs() <= EPS).all()
+            with torch.no_grad():
+                assert model(found[None]).argmax(1) != y[index]
+        if stage == "BaB":
+            assert {r["verified_by"] for r in figures["_per_image"]} <= {"", "IBP", "BaB"}
+            assert {"verified", "falsified"} <= set(verdicts["BaB"])
+    both = [(b, m) for b, m in zip(verdicts["BaB"], verdicts["MILP"]) if "unknown" not in (b, m)]
+    assert both and all(b == m for b, m in both)
+    assert not any(b == "unknown" and m != "unknown" for b, m in zip(verdicts["BaB"], verdicts["MILP"]))
+
+
+def test_the_complete_stages_share_each_images_timeout(trained, monkeypatch):
+    model, x, y = trained
+    given = {}
+
+    def complete(self, method, todo, limits, *args):
+        given[method] = limits[todo].clone()
+        self.seconds[todo] += 3.0  # each complete stage spends 3 s of every open image's time
+
+    monkeypatch.setattr(Cascade, "complete", complete)
+    settings = types.SimpleNamespace(eps=EPS, bound_methods=["IBP", "BaB", "MILP"], batch_size=16, timeout=5.0,
+                                     alpha_iterations=3, alpha_lr=0.5)
+    evaluate(model, x, y, settings)
+    assert (given["BaB"] == 5.0).all() and (given["MILP"] == 2.0).all()

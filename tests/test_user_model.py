@@ -138,8 +138,10 @@ def test_a_residual_network_from_a_user_file_prunes_by_weight_and_verifies_with_
     (attacked,) = json.loads(result.stdout).values()
     assert attacked["pgd_acc"] >= verified["verified_acc"]
     files = sorted(p.name for p in Path("residual").iterdir())
-    assert_one_line_error(run("verify", "--from", "residual", "--method", "IBP", "--method", "MILP"),
-                          "the MILP encodes a plain nn.Sequential of Linear, Conv2d, ReLU, Flatten, Normalize only")
+    for stage in ("MILP", "BaB"):
+        assert_one_line_error(run("verify", "--from", "residual", "--method", "IBP", "--method", stage),
+                              "the complete stages (MILP, BaB) take a plain nn.Sequential of Linear, Conv2d, ReLU, "
+                              "Flatten, Normalize only")
     assert sorted(p.name for p in Path("residual").iterdir()) == files  # no verify TSV begun
 
 
@@ -149,9 +151,9 @@ def test_what_a_residual_network_cannot_take_is_one_line_before_any_work(workdir
     assert_one_line_error(run("prune", *base, "--granularity", "channel"),
                           "channel granularity needs a plain nn.Sequential model; a Residual ties channels")
     assert_one_line_error(run("prune", *base, "--set", "verify.bound_methods=[IBP,MILP]"),
-                          "the MILP encodes a plain nn.Sequential of Linear, Conv2d, ReLU, Flatten, Normalize only, "
-                          "which model tests/data/user_net.py:make_residual is not; drop MILP from "
-                          "verify.bound_methods")
+                          "the complete stages (MILP, BaB) take a plain nn.Sequential of Linear, Conv2d, ReLU, "
+                          "Flatten, Normalize only, which model tests/data/user_net.py:make_residual is not; drop them "
+                          "from verify.bound_methods")
     assert not Path("out").exists() and not Path("runs").exists()
 
 

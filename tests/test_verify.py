@@ -9,7 +9,8 @@ import torch
 from certprune.attacks import PGD
 from certprune.certify.verify import evaluate, verify
 from certprune.data import load_dataset
-from certprune.lirpa import BoundedProxy, margin_spec
+from certprune.boxes import margin_spec
+from certprune.lirpa import BoundedProxy
 from certprune.losses import make_loss
 from certprune.models import create_model
 from certprune.train import fit

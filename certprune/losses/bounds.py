@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..boxes import input_box, margin_spec
 from ..quantities import parse_eps
 from ..schedules import Interpolate, Ramp
 from .base import accuracy
@@ -42,7 +43,6 @@ class Bounded:
         """``loss`` plus the weighted regularisers over the eps box (recorded as ``warmup_reg``, when switched on)."""
         if self.warmup_reg == 0:
             return loss
-        from ..lirpa import input_box
         from .warmup import warmup_regulariser
 
         weight = self.warmup_reg * (1 - eps / target_eps)
@@ -66,8 +66,6 @@ class Bounded:
                     upper: torch.Tensor) -> torch.Tensor:
         """IBP lower bounds on ``logit_y - logit_j`` (``j != y``) over the per-pixel box ``[lower, upper]``, which
         need not be centred at ``x`` (SABR's small box); differentiable towards weights and scores."""
-        from ..lirpa import margin_spec
-
         proxy = self.proxy(model, x)
         return proxy.box_spec_bounds(lower, upper, margin_spec(y, proxy.num_classes), ["IBP"])[0]
 

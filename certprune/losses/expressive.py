@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import eval_mode
+from ..boxes import input_box
 from .adversarial import _Adversarial
 from .base import accuracy
 from .bounds import Bounded, robust_cross_entropy
@@ -36,7 +37,7 @@ from .bounds import Bounded, robust_cross_entropy
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``logit_y - logit_j`` for every ``j != y``, in the row order of the bounds' margins
-    (:func:`certprune.lirpa.margin_spec`): a point's exact margins, and ``robust_cross_entropy`` of them is its
+    (:func:`certprune.boxes.margin_spec`): a point's exact margins, and ``robust_cross_entropy`` of them is its
     cross-entropy."""
     others = ~F.one_hot(y, logits.shape[1]).bool()
     return (logits.gather(1, y[:, None]) - logits)[others].view(len(y), -1)
@@ -84,8 +85,6 @@ class _AttackThenBound(_Adversarial, Bounded):
         raise NotImplementedError
 
     def eps_box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..lirpa import input_box  # auto_LiRPA loads only when a bound is needed
-
         return input_box(x, eps)  # the box the bound losses and the verifier bound: clipped to [0, 1], outward
 
 
