@@ -295,7 +295,7 @@ class _Search:
         batch = self._take()
         record = {}
         with torch.no_grad():
-            self._bound(batch, record)
+            self._bound(batch, record, fast=True)  # for the branching scores and the candidates only
         vertices = torch.where(record["x"][:, 0] >= 0, self.x_lower, self.x_upper)
         found = self._check_points(vertices)
         if found is not None:

@@ -188,20 +188,17 @@ def backward(chain: Chain, lam, top: int, relaxations: list, x_lower: torch.Tens
             record[k] = lam
         floor = relax.floor[:, None, :] if alphas is None or alphas[k] is None else torch.where(
             relax.unstable[:, None, :], alphas[k], relax.floor[:, None, :])
-        positive = lam.clamp(min=0)
-        negative = lam - positive
+        negative = lam.clamp(max=0)
+        chord = relax.chord[:, None, :]
         cut = negative * relax.intercept[:, None, :]
         const = const + cut.sum(-1)
-        lower, upper = positive * floor, negative * relax.chord[:, None, :]
-        lam = lower + upper
-        if split_terms is not None:
-            lam = lam - split_terms[k][:, None, :]
+        product = lam * torch.where(lam >= 0, floor, chord)
+        lam = product if split_terms is None else product - split_terms[k][:, None, :]
         if scale is not None:  # the chord's rounding (<= 4u of its terms), the sum, the products and the split term
-            size = scale.z[k][:, None, :]
-            error = error + 4 * unit * (-upper * size - cut).sum(-1) + _gamma(lam.shape[-1] + 1, lam.dtype) * (
-                -cut.sum(-1) + const.abs())
-            error = error + 3 * unit * ((lower - upper + (0 if split_terms is None else split_terms[k].abs()[
-                :, None, :])) * size).sum(-1)
+            size, gamma = scale.z[k][:, None, :], _gamma(lam.shape[-1] + 1, lam.dtype)
+            split = 0 if split_terms is None else split_terms[k].abs()[:, None, :]
+            error = error + 4 * unit * (-negative * chord * size - cut).sum(-1) + gamma * (-cut.sum(-1) + const.abs())
+            error = error + 3 * unit * ((product.abs() + split) * size).sum(-1)
         step, step_error = _affine(chain, k, lam, const, scale)  # lam is on z_k
         const, error = step, error + step_error
         lam = lam @ chain.weights[k]
