@@ -46,10 +46,10 @@ class Settings:
     attack_restarts: int = 4
     root_iterations: int = 20
     root_lr: float = 0.1
-    batch_size: int = 128
-    iterations: int = 10
+    batch_size: int = 256
+    iterations: int = 5
     lr_alpha: float = 0.1
-    lr_beta: float = 0.05
+    lr_beta: float = 0.5
     candidates: int = 3
     max_domains: int = 100_000
 
