@@ -15,7 +15,8 @@ from torch import nn
 from certprune.certify import bab, milp
 from certprune.certify import linear_bounds as lb
 from certprune.certify.milp_encoding import network
-from certprune.lirpa import BoundedProxy, spec_of
+from certprune.boxes import spec_of
+from certprune.lirpa import BoundedProxy
 from certprune.models import Normalize
 from helpers import conv_net
 from test_milp import brute_force_min_margins, tiny_net
@@ -321,6 +322,32 @@ def test_only_check_box_turns_a_candidate_into_a_counterexample(monkeypatch):
     outcome = bab.verify_box(model, lower, upper, label, time_limit=30)
     assert truth < 0 and outcome.status == "unknown" and outcome.stats["why"] == "undecided leaf"
     assert len(calls) > 1 and outcome.margin_lower_bound <= truth
+
+
+def test_the_pool_of_open_domains_takes_the_lowest_bounds_and_loses_none():
+    """Domains go in and out of the pool's slots in many rounds (growing it): each taken batch holds the lowest bounds
+    (or the deepest domains), and every domain added comes out exactly once."""
+    generator = torch.Generator().manual_seed(0)
+
+    def domains(start, count):
+        ids = torch.arange(start, start + count)
+        return bab._Domains(ids, ids[:, None].to(torch.int8).expand(-1, 3).clone(), torch.zeros(count, 3),
+                            torch.zeros(count, 3), torch.rand(count, generator=generator, dtype=torch.float64),
+                            torch.randint(0, 50, (count,), generator=generator))
+
+    pool, taken, added = bab._Pool(domains(0, 5)), [], 5
+    for round_ in range(30):
+        pool.add(domains(added, 7))
+        added += 7
+        deepest = round_ % 5 == 0
+        open_keys = torch.where(pool.used, -pool.store.depth.double() if deepest else pool.store.bound, torch.inf)
+        batch = pool.take(4, deepest)
+        key = -batch.depth.double() if deepest else batch.bound
+        assert key.max() <= torch.sort(open_keys).values[3]
+        assert (batch.splits[:, 0] == batch.row.to(torch.int8)).all()  # each domain's fields stay together
+        taken += batch.row.tolist()
+    taken += pool.take(added, False).row.tolist()
+    assert sorted(taken) == list(range(added)) and len(pool) == 0
 
 
 def test_decide_box_answers_each_property():
