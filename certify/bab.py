@@ -41,7 +41,10 @@ from certprune.certify.milp_encoding import Network, network
 class Settings:
     """The search's knobs. ``candidates``: ReLUs per score whose split is tried before one is chosen;
     ``max_domains``: past this many open domains the deepest are taken first (their children close soonest), so that
-    memory stays bounded."""
+    memory stays bounded. Measured on an image of a normally trained 784-256x2 net at eps 0.05 whose proof takes
+    34,000 domains (its tree does not depend on ``batch_size``): 5 Adam steps per batch give the same tree as 10 or
+    20 at a third of the cost; beta's lr 0.2 to 1.0 need 33,000 domains, 0.05 needs 44,000; 3 candidates per score
+    34,000, 2 need 44,000, 1 needs 61,000; keeping the split whose worse half is best needs 90,000."""
     attack_steps: int = 50
     attack_restarts: int = 4
     root_iterations: int = 20
