@@ -85,8 +85,8 @@ def main() -> None:
             records.append({"image": i, "method": name, "status": outcome.status, "seconds": seconds,
                             "margin_lower_bound": outcome.margin_lower_bound,
                             "stats": {k: v for k, v in outcome.stats.items() if isinstance(v, (int, float, str))}})
-            print(f"image {i:5d} {name:5s} {outcome.status:9s} {seconds:7.2f} s  bound {outcome.margin_lower_bound:9.4f}"
-                  f"  {records[-1]['stats']}", flush=True)
+            print(f"image {i:5d} {name:5s} {outcome.status:9s} {seconds:7.2f} s  bound "
+                  f"{outcome.margin_lower_bound:9.4f}  {records[-1]['stats']}", flush=True)
     summary = {}
     for name in ("MILP", "BaB"):
         mine = [r for r in records if r["method"] == name]

@@ -170,8 +170,9 @@ def _decide_leaf(chain: lb.Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, 
     """Decide a domain whose root-unstable ReLUs are all split: on it each ReLU is fixed on or off, so every ``z_k``
     and the margin are affine in ``x``, and the domain is ``{x in box: s_i z_i(x) >= 0 for each split i}``. HiGHS
     solves ``min margin`` over it; its dual multipliers, as beta-CROWN's ``beta``, give a float64 bound (with the
-    rounding allowance of ``scale``) that is exact at the optimum. If HiGHS finds the domain empty, the most violated split's program gives multipliers that
-    prove it empty the same way (the bound of the zero objective is positive). Returns ``(bound, point)``: the
+    rounding allowance of ``scale``) that is exact at the optimum. If HiGHS finds the domain empty, the program of
+    the most violated split gives multipliers that prove it empty the same way (the zero objective's bound is
+    positive). Returns ``(bound, point)``: the
     bound (proven when :func:`~certprune.certify.linear_bounds.proven`) and HiGHS's minimiser (a candidate
     counterexample; None when the domain is empty)."""
     weights = [w.numpy() for w in chain.weights]
@@ -415,7 +416,8 @@ def verify_box(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label
                            {**search.stats, "why": "timeout"})
         found = search.round(deadline)
         if found is not None:
-            return Outcome("falsified", found[0], found[1], time.perf_counter() - started, {**search.stats, "by": "BaB"})
+            return Outcome("falsified", found[0], found[1], time.perf_counter() - started,
+                           {**search.stats, "by": "BaB"})
     seconds = time.perf_counter() - started
     if search.stuck < torch.inf:
         return Outcome("unknown", search.lowest(), None, seconds, {**search.stats, "why": "undecided leaf"})
