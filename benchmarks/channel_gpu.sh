@@ -9,22 +9,8 @@
 set -u
 seeds=(${SEEDS:-0 1 2}); ks=(${KS:-0.5 0.25 0.1}); methods=(hydra lwm); seed_list=$(IFS=,; echo "${seeds[*]}")
 out=${1:?output folder}; shift; limit=${1:-480}; [ $# -gt 0 ] && shift; extra=("$@")
-if [ -d .whl ] && ! python3 -c "import pydantic, certprune.models" 2>/dev/null; then  # a bare GPU machine: its own site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  mkdir -p /tmp/site && cp -r certprune /tmp/site/ && cp -r models certify /tmp/site/certprune/  # installed layout
-  export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1  # the installed layout, not ./certprune, for python -m
-fi
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-runs=${RUNS:-runs/channel-large}; mkdir -p "$runs" "$out"
-if nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; then
-  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$out/gpu.csv" & monitor=$!
-fi
-deadline=$(( $(date +%s) + limit ))
-certprune() {  # every command ends by the deadline; one that gets no time says so in its log
-  local left=$(( deadline - $(date +%s) ))
-  if [ $left -le 0 ]; then echo "no time left for: certprune $*"; return 124; fi
-  timeout -k 30 $left python3 -m certprune -q "$@"
-}
+runs=${RUNS:-runs/channel-large}; mkdir -p "$runs"
+source "$(dirname "$0")/gpu_common.sh"
 sweep() { certprune sweep --config configs/channel.yaml "${extra[@]}" --out "$runs" "$@"; }
 verified() { grep -q '"verify' "$runs/$1/metrics.json" 2>/dev/null; }  # trained, and its verify record written
 started=$(date +%s)

@@ -32,23 +32,8 @@ data=${DATA:-/usr/share/datasets/fashion-mnist}
 if [ ! -d "$data" ]; then  # before anything starts
   echo "no data folder $data: set DATA to the folder of the four Fashion-MNIST idx files"; exit 2
 fi
-if [ -d .whl ] && ! python3 -c "import pydantic, certprune.models" 2>/dev/null; then  # a bare GPU machine: its own site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  mkdir -p /tmp/site && cp -r certprune /tmp/site/ && cp -r models certify /tmp/site/certprune/  # installed layout
-  export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1  # the installed layout, not ./certprune, for python -m
-fi
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-runs=${RUNS:-runs/fashion-gpu}; mkdir -p "$runs" "$out"
-if nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null; then
-  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader -l 5 > "$out/gpu.csv" & monitor=$!
-fi
-deadline=$(( $(date +%s) + limit ))
-certprune() {  # every command ends by the deadline; one that gets no time says so in its log
-  local left=$(( deadline - $(date +%s) ))
-  if [ $left -le 0 ]; then echo "no time left for: certprune $*"; return 124; fi
-  timeout -k 30 $left python3 -m certprune -q "$@"
-}
+runs=${RUNS:-runs/fashion-gpu}; mkdir -p "$runs"
+source "$(dirname "$0")/gpu_common.sh"
 sweep() { certprune sweep --config $config --data-dir "$data" "${extra[@]}" --out "$runs" "$@"; }
 verified() { grep -q '"verify' "$runs/$1/metrics.json" 2>/dev/null; }  # trained, and its verify record written
 started=$(date +%s)
