@@ -153,7 +153,7 @@ class Cascade:
         from certprune.certify.milp_encoding import network
 
         self._network = getattr(self, "_network", None) or network(self.model, self.lower[:1])
-        settings = bab.Settings(attack_steps=attack_steps)
+        settings = bab.Settings() if attack_steps else bab.Settings(attack_steps=0)  # its own attack, or none
         return [bab.verify_box(self.model, self.lower[i], self.upper[i], int(self.labels[i]),
                                None if self.others is None else self.others[i], float(limits[i]), self._network,
                                (self.inner[0][i], self.inner[1][i]), settings) for i in index]

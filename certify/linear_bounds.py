@@ -13,8 +13,8 @@ with a Lagrange multiplier ``beta >= 0`` as ``- beta s z`` (beta-CROWN, Wang et 
 beta >= 0 and sound intermediate bounds the result is a lower bound of the margin over the subdomain; optimisation
 only makes it tighter.
 
-**When a bound is a proof** (:func:`proven`): when it is finite and positive after its rounding allowance is taken
-off. Every bound that can close a domain is computed in float64 (the weights and the float32 box convert to float64
+**When a bound is a proof** (:func:`proven`): when it is finite and above the proof rule's tolerance
+(:data:`certprune.certify.proof.BOUND_TOLERANCE`, as for every stage) after its rounding allowance is taken off. Every bound that can close a domain is computed in float64 (the weights and the float32 box convert to float64
 exactly) by :func:`backward` with a :class:`Scale`, which also bounds, from above, the effect of every floating-point
 rounding of that computation (the standard ``|fl(a . b) - a . b| <= gamma_n |a| . |b|``, ``gamma_n = n u / (1 - n
 u)``, applied to each product, sum and relaxation line, and to the products that merged consecutive affine steps)
@@ -30,10 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from certprune.certify import proof
+
 
 def proven(bounds: torch.Tensor) -> torch.Tensor:
-    """Where a lower bound (a float64 one with its rounding allowance taken off) proves its margin positive."""
-    return torch.isfinite(bounds) & (bounds > 0)
+    """Where a lower bound (a float64 one with its rounding allowance taken off) proves its margin positive, by the
+    one rule every stage obeys (:func:`certprune.certify.proof.proves`): finite and above its tolerance."""
+    return torch.isfinite(bounds) & (bounds > proof.BOUND_TOLERANCE)
 
 
 def _gamma(n: int, dtype: torch.dtype) -> float:
