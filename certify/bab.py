@@ -13,7 +13,7 @@ within one time limit:
    A child whose bound is proven is closed. The point of the box that minimises each domain's linear bound is
    checked for a counterexample whenever a domain is taken. The ReLU bounds stay the root's, clamped by the splits,
    so a domain whose unstable ReLUs are all split is one activation pattern: a linear program, which
-   :func:`_decide_leaf` decides exactly. That makes the search complete.
+   :func:`~certprune.certify.bab_leaves.decide_leaf` decides exactly. That makes the search complete.
 
 Verified when no domain is left open; falsified only through :func:`~certprune.certify.milp.check_box` (a plain
 forward pass at a point of the ``inner`` box); unknown at the time limit. A bound closes a domain by the rule of
@@ -28,12 +28,15 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from scipy.optimize import linprog
 from torch import nn
 
-from certprune.attacks import PGD
+from certprune.certify import bound_optimisation as bo
 from certprune.certify import linear_bounds as lb
-from certprune.certify.milp import Outcome, check_box
+from certprune.certify import milp
+from certprune.certify.bab_domains import Domains, Pool
+from certprune.certify.bab_leaves import decide_leaf
+from certprune.certify.box_attack import falsify
+from certprune.certify.milp import Outcome
 from certprune.certify.milp_encoding import Network, network
 
 
@@ -66,151 +69,6 @@ class Settings:
                 raise ValueError(f"BaB setting {item.name} must be a {kind} number, got {value!r}")
 
 
-class _InBox(nn.Module):
-    """``model(lower + z (upper - lower))``: PGD over ``z`` in the eps-0.5 ball around 0.5 searches the box."""
-
-    def __init__(self, model: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
-        super().__init__()
-        self.model, self.lower, self.width = model, lower, upper - lower
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(self.lower + z * self.width)
-
-
-def falsify(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label: int, classes: list[int],
-            steps: int, restarts: int):
-    """``(margin, input)`` of a counterexample in the box, or None: PGD on ``logit_j - logit_label`` for every ``j``
-    in ``classes``, from the box's centre and ``restarts`` uniform random starts each; every end point goes
-    through :func:`check_box`."""
-    if not steps:
-        return None
-    targets = torch.tensor(classes, device=lower.device)
-
-    def objective(logits, y):
-        return logits.gather(1, y[:, None]).squeeze(1) - logits[:, label]
-
-    points = []
-    for start, copies in (("zero", 1), ("uniform", restarts)):
-        if copies:
-            y = targets.repeat(copies)
-            inside = _InBox(model, lower.expand(len(y), *lower.shape), upper.expand(len(y), *upper.shape))
-            z = PGD(0.5, steps=steps, start=start).perturb(inside, torch.full_like(inside.lower, 0.5), y, objective)
-            points.append(lower + z * (upper - lower))
-    points = torch.cat(points)
-    with torch.no_grad():
-        logits = model(points)
-    margins = logits[:, label] - logits[:, classes].max(1).values
-    for i in torch.argsort(margins).tolist():
-        if margins[i] > 0:
-            break
-        found = check_box(model, lower, upper, label, classes, points[i])
-        if found is not None:
-            return found
-    return None
-
-
-@dataclass
-class _Domains:
-    """Open subdomains, compact over the root's unstable ReLUs (``U`` of them): each one's spec ``row`` (an index),
-    ``splits (N, U)`` in {-1, 0, 1}, slopes ``alpha`` and multipliers ``beta (N, U)``, lower ``bound`` and
-    ``depth`` (the number of splits)."""
-    row: torch.Tensor
-    splits: torch.Tensor
-    alpha: torch.Tensor
-    beta: torch.Tensor
-    bound: torch.Tensor
-    depth: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.row)
-
-    def select(self, index) -> "_Domains":
-        return _Domains(*(getattr(self, f.name)[index] for f in fields(self)))
-
-    def extend(self, other: "_Domains") -> "_Domains":
-        return _Domains(*(torch.cat([getattr(self, f.name), getattr(other, f.name)]) for f in fields(self)))
-
-
-class _Pool:
-    """The open domains in storage that grows by doubling: taking a batch frees its slots, adding fills free slots
-    first, so a round costs a scan of the bounds, not a copy of every open domain (0.5 s at 100,000 domains of 500
-    unstable ReLUs)."""
-
-    def __init__(self, domains: _Domains):
-        self.store, self.used = domains, torch.ones(len(domains), dtype=torch.bool)
-
-    def __len__(self) -> int:
-        return int(self.used.sum())
-
-    def take(self, count: int, deepest: bool) -> _Domains:
-        """The ``count`` open domains of lowest bound (``deepest``: of most splits)."""
-        key = -self.store.depth.double() if deepest else self.store.bound
-        index = torch.topk(torch.where(self.used, key, torch.inf), min(count, len(self)), largest=False).indices
-        self.used[index] = False
-        return self.store.select(index)
-
-    def add(self, domains: _Domains) -> None:
-        free = torch.nonzero(~self.used).flatten()
-        if len(free) < len(domains):
-            grown = max(len(domains) - len(free), len(self.used))
-            self.store = self.store.extend(self.store.select(torch.zeros(grown, dtype=torch.long)))
-            self.used = torch.cat([self.used, torch.zeros(grown, dtype=torch.bool)])
-            free = torch.nonzero(~self.used).flatten()
-        slots = free[:len(domains)]
-        for item in fields(_Domains):
-            getattr(self.store, item.name)[slots] = getattr(domains, item.name)
-        self.used[slots] = True
-
-    def lowest(self) -> float:
-        return float(torch.where(self.used, self.store.bound, torch.inf).min()) if len(self) else torch.inf
-
-
-def _decide_leaf(chain: lb.Chain, x_lower: torch.Tensor, x_upper: torch.Tensor, row: torch.Tensor, bounds: list,
-                 splits: list, scale: lb.Scale):
-    """Decide a domain whose root-unstable ReLUs are all split: on it each ReLU is fixed on or off, so every ``z_k``
-    and the margin are affine in ``x``, and the domain is ``{x in box: s_i z_i(x) >= 0 for each split i}``. HiGHS
-    solves ``min margin`` over it; its dual multipliers, as beta-CROWN's ``beta``, give a float64 bound (with the
-    rounding allowance of ``scale``) that is exact at the optimum. If HiGHS finds the domain empty, the program of
-    the most violated split gives multipliers that prove it empty the same way (the zero objective's bound is
-    positive). Returns ``(bound, point)``: the
-    bound (proven when :func:`~certprune.certify.linear_bounds.proven`) and HiGHS's minimiser (a candidate
-    counterexample; None when the domain is empty)."""
-    weights = [w.numpy() for w in chain.weights]
-    biases = [b.numpy() for b in chain.biases]
-    rows, rhs, owners = [], [], []
-    h_map, h_offset = None, None  # h_k = h_map @ x + h_offset on this pattern (None: the input itself)
-    for k, ((low, _), split) in enumerate(zip(bounds, splits)):
-        affine = weights[k] if h_map is None else weights[k] @ h_map
-        offset = biases[k] if h_offset is None else weights[k] @ h_offset + biases[k]
-        side = split[0].numpy().astype(np.float64)
-        chosen = np.nonzero(side)[0]
-        rows.append(-side[chosen, None] * affine[chosen])  # -s z <= 0
-        rhs.append(side[chosen] * offset[chosen])
-        owners += [(k, i) for i in chosen]
-        on = ((low[0].numpy() >= 0) | (side > 0)).astype(np.float64)
-        h_map, h_offset = affine * on[:, None], offset * on
-    out_map = weights[-1] if h_map is None else weights[-1] @ h_map
-    box = np.stack([x_lower[0].numpy(), x_upper[0].numpy()], 1)
-    a_ub = np.concatenate(rows) if owners else None
-    b_ub = np.concatenate(rhs) if owners else None
-    result = linprog(row.numpy() @ out_map, A_ub=a_ub, b_ub=b_ub, bounds=box, method="highs")
-    objective = row
-    if result.status == 2:  # infeasible: minimise the largest violation t, with -s z - t <= 0
-        width = a_ub.shape[1]
-        result = linprog(np.eye(width + 1)[-1], A_ub=np.hstack([a_ub, -np.ones((len(a_ub), 1))]), b_ub=b_ub,
-                         bounds=np.vstack([box, [[-np.inf, np.inf]]]), method="highs")
-        objective = torch.zeros_like(row)
-    if result.status != 0:
-        return torch.tensor(-torch.inf, dtype=torch.float64), None
-    multipliers = [torch.zeros_like(s, dtype=torch.float64) for s in splits]
-    if owners:
-        for (k, i), value in zip(owners, -result.ineqlin.marginals):
-            multipliers[k][0, i] = max(float(value), 0.0)
-    bound = lb.domain_bounds(chain, x_lower, x_upper, objective[None], lb.split_relaxations(bounds, splits), splits,
-                             [torch.zeros_like(m) for m in multipliers], multipliers, scale=scale)[0]
-    return bound, torch.from_numpy(result.x) if objective is row else None
-
-
 class _Search:
     """The branch and bound of one property over one box (see the module's docstring)."""
 
@@ -221,7 +79,7 @@ class _Search:
         self.x_lower, self.x_upper = (b.detach().cpu().double().reshape(1, -1) for b in box)
         eye = torch.eye(len(chain.biases[-1]), dtype=torch.float64)
         self.rows = eye[label] - eye[classes]
-        root = lb.root_bounds(chain, self.x_lower, self.x_upper, self.rows, settings.root_iterations, settings.root_lr,
+        root = bo.root_bounds(chain, self.x_lower, self.x_upper, self.rows, settings.root_iterations, settings.root_lr,
                               deadline=deadline)
         self.bounds = root.bounds
         self.scale = lb.scale_of(chain, self.x_lower, self.x_upper, self.bounds)
@@ -234,7 +92,7 @@ class _Search:
         open_rows = torch.nonzero(~done).flatten()
         self.floor = float(root.margins[done].min()) if bool(done.any()) else torch.inf  # of the closed domains
         count, width = len(open_rows), self.offsets[-1]
-        self.open = _Pool(_Domains(open_rows, torch.zeros(count, width, dtype=torch.int8),
+        self.open = Pool(Domains(open_rows, torch.zeros(count, width, dtype=torch.int8),
                                    self._compact([a[open_rows] for a in root.alphas]).float(),
                                    torch.zeros(count, width), root.margins[open_rows],
                                    torch.zeros(count, dtype=torch.long)))
@@ -253,12 +111,12 @@ class _Search:
             out.append(layer)
         return out
 
-    def _bound(self, domains: _Domains, record: dict | None = None, fast: bool = False) -> torch.Tensor:
+    def _bound(self, domains: Domains, record: dict | None = None, fast: bool = False) -> torch.Tensor:
         """The domains' bounds with their slopes and multipliers: in float64, or ``fast`` in float32."""
         chain, x_lower, x_upper, rows, bounds = self.fast if fast else (
             self.chain, self.x_lower, self.x_upper, self.rows, self.bounds)
         dtype, splits = rows.dtype, self._dense(domains.splits, torch.int8)
-        return lb.domain_bounds(chain, x_lower, x_upper, rows[domains.row], lb.split_relaxations(bounds, splits),
+        return bo.domain_bounds(chain, x_lower, x_upper, rows[domains.row], lb.split_relaxations(bounds, splits),
                                 splits, self._dense(domains.alpha, dtype), self._dense(domains.beta, dtype), record,
                                 None if fast else self.scale)
 
@@ -271,12 +129,12 @@ class _Search:
             logits = self.model(candidates)
         margins = logits[:, self.label] - logits[:, self.classes].max(1).values
         for i in torch.nonzero(margins <= 0).flatten().tolist():
-            found = check_box(self.model, *self.inner, self.label, self.classes, candidates[i])
+            found = milp.check_box(self.model, *self.inner, self.label, self.classes, candidates[i])
             if found is not None:
                 return found
         return None
 
-    def _scores(self, domains: _Domains, record: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scores(self, domains: Domains, record: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per free unstable ReLU of each domain (split ones: -1), BaBSR's score (Bunel et al. 2020) and the upper
         chord's intercept times its coefficient, the part of the bound that splitting that ReLU removes."""
         lam = self._compact([record[k][:, 0] for k in range(self.chain.depth)])
@@ -289,7 +147,7 @@ class _Search:
         free = domains.splits == 0
         return torch.where(free, babsr, -1.0), torch.where(free, -intercept, -1.0)
 
-    def _branch(self, domains: _Domains, record: dict) -> torch.Tensor:
+    def _branch(self, domains: Domains, record: dict) -> torch.Tensor:
         """The ReLU to split in each domain (a compact index): of the top ``candidates`` by each score, the one whose
         two halves get the best bound (the better half's, with the parent's slopes and multipliers)."""
         count = min(self.settings.candidates, domains.splits.shape[1])
@@ -304,7 +162,7 @@ class _Search:
         return candidates.gather(1, quality.argmax(0)[:, None])[:, 0]
 
     @staticmethod
-    def _children(domains: _Domains, decision: torch.Tensor) -> _Domains:
+    def _children(domains: Domains, decision: torch.Tensor) -> Domains:
         """Both halves of each domain split at its ``decision``: the active ones first, then the inactive ones."""
         both = domains.extend(domains)
         index = torch.arange(len(both))
@@ -334,7 +192,7 @@ class _Search:
         leaf = (batch.splits != 0).all(1)
         for i in torch.nonzero(leaf).flatten().tolist():
             self.stats["leaves"] += 1
-            bound, point = _decide_leaf(self.chain, self.x_lower, self.x_upper, self.rows[batch.row[i]], self.bounds,
+            bound, point = decide_leaf(self.chain, self.x_lower, self.x_upper, self.rows[batch.row[i]], self.bounds,
                                         self._dense(batch.splits[i:i + 1], torch.int8), self.scale)
             found = None if point is None else self._check_points(point[None])
             if found is not None:
@@ -349,7 +207,7 @@ class _Search:
         parents = batch.select(branching)
         children = self._children(parents, self._branch(parents, {k: v[branching] for k, v in record.items()}))
         chain, x_lower, x_upper, rows, bounds = self.fast
-        _, alphas, betas = lb.optimise_domains(
+        _, alphas, betas = bo.optimise_domains(
             chain, x_lower, x_upper, rows[children.row], bounds, self._dense(children.splits, torch.int8),
             self._dense(children.alpha, torch.float32), self._dense(children.beta, torch.float32),
             self.settings.iterations, self.settings.lr_alpha, self.settings.lr_beta, deadline)

@@ -12,10 +12,11 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
-from certprune.certify import bab, milp
+from certprune.boxes import spec_of
+from certprune.certify import bab, bab_domains, bab_leaves, milp
+from certprune.certify import bound_optimisation as bo
 from certprune.certify import linear_bounds as lb
 from certprune.certify.milp_encoding import network
-from certprune.boxes import spec_of
 from certprune.lirpa import BoundedProxy
 from certprune.models import Normalize
 from helpers import conv_net
@@ -75,7 +76,7 @@ def test_crown_equals_auto_lirpas_crown():
             assert torch.allclose(low[0].float(), ref_low[i], atol=1e-4)
             assert torch.allclose(up[0].float(), ref_up[i], atol=1e-4)
             assert bool(((low < 0) & (up > 0)).any())  # the relaxations are exercised in every layer
-        margins = lb.root_bounds(chain, *box, spec[i].double(), iterations=0).margins
+        margins = bo.root_bounds(chain, *box, spec[i].double(), iterations=0).margins
         assert torch.allclose(margins.float(), reference[i], atol=1e-4)
 
 
@@ -92,7 +93,7 @@ def test_every_bound_is_below_every_sampled_value_for_any_slopes_and_multipliers
     flat = points.flatten(1)
     inputs, _ = chain.pre_activations(flat)
     margins = outputs @ rows.T  # (count, R)
-    root = lb.root_bounds(chain, lower.reshape(1, -1), upper.reshape(1, -1), rows, iterations=15, lr=0.2)
+    root = bo.root_bounds(chain, lower.reshape(1, -1), upper.reshape(1, -1), rows, iterations=15, lr=0.2)
     assert (root.margins[None] <= margins.min(0).values + 1e-9).all()
     for (low, up), z in zip(root.bounds, inputs):
         assert (low <= z.min(0).values + 1e-9).all() and (up >= z.max(0).values - 1e-9).all()
@@ -110,7 +111,7 @@ def test_every_bound_is_below_every_sampled_value_for_any_slopes_and_multipliers
         betas = [10 * torch.rand(s.shape, generator=generator, dtype=torch.float64) ** 3 for s in splits]
         relaxations = lb.split_relaxations(root.bounds, splits)
         for r in range(len(rows)):
-            bound = lb.domain_bounds(chain, lower.reshape(1, -1), upper.reshape(1, -1), rows[r:r + 1], relaxations,
+            bound = bo.domain_bounds(chain, lower.reshape(1, -1), upper.reshape(1, -1), rows[r:r + 1], relaxations,
                                      splits, alphas, betas)
             assert bound <= margins[inside, r].min() + 1e-9, (trial, r)
 
@@ -121,7 +122,7 @@ def test_beta_tightens_the_bounds_of_split_domains():
     model = flat_input_net(3)
     chain, lower, upper, rows = engine_case(model, (5,), eps=0.4)
     box = lower.reshape(1, -1), upper.reshape(1, -1)
-    root = lb.root_bounds(chain, *box, rows, iterations=0)
+    root = bo.root_bounds(chain, *box, rows, iterations=0)
     generator = torch.Generator().manual_seed(0)
     count = 64
     splits = [torch.where(((low < 0) & (up > 0)) & (torch.rand(count, low.shape[1], generator=generator) < 0.6),
@@ -132,7 +133,7 @@ def test_beta_tightens_the_bounds_of_split_domains():
     betas = [torch.zeros_like(a) for a in alphas]
     results = {}
     for lr_beta in (0.0, 0.1):
-        results[lr_beta] = lb.optimise_domains(chain, *box, domain_rows, root.bounds, splits, alphas, betas, 40, 0.1,
+        results[lr_beta] = bo.optimise_domains(chain, *box, domain_rows, root.bounds, splits, alphas, betas, 40, 0.1,
                                                lr_beta)[0]
     assert (results[0.1] >= results[0.0] - 1e-6).float().mean() >= 0.95
     assert (results[0.1] > results[0.0] + 1e-3).float().mean() >= 0.5
@@ -242,7 +243,7 @@ def test_a_fully_split_domain_is_decided_by_its_linear_program():
     chain = lb.chain_of(network(model, lower[None]))
     box = lower[None], upper[None]
     eye = torch.eye(3, dtype=torch.float64)
-    bounds = lb.root_bounds(chain, *box, eye[label] - eye[[j for j in range(3) if j != label]], iterations=0).bounds
+    bounds = bo.root_bounds(chain, *box, eye[label] - eye[[j for j in range(3) if j != label]], iterations=0).bounds
     unstable = [((low < 0) & (up > 0))[0] for low, up in bounds]
     count, empty, lowest = int(sum(u.sum() for u in unstable)), 0, math.inf
     assert count >= 6
@@ -251,7 +252,7 @@ def test_a_fully_split_domain_is_decided_by_its_linear_program():
         for number in range(2 ** count):
             signs = iter([1 if number >> bit & 1 else -1 for bit in range(count)])
             splits = [torch.tensor([[next(signs) if u else 0 for u in layer]], dtype=torch.int8) for layer in unstable]
-            bound, point = bab._decide_leaf(chain, *box, row, bounds, splits, lb.scale_of(chain, *box, bounds))
+            bound, point = bab_leaves.decide_leaf(chain, *box, row, bounds, splits, lb.scale_of(chain, *box, bounds))
             pattern = [np.where(s[0].numpy() != 0, s[0].numpy(), np.where(low[0].numpy() >= 0, 1, -1)).astype(float)
                        for s, (low, _) in zip(splits, bounds)]
             exact = pattern_minimum(chain, lower.numpy(), upper.numpy(), row.numpy(), pattern)
@@ -317,7 +318,7 @@ def test_only_check_box_turns_a_candidate_into_a_counterexample(monkeypatch):
     """With check_box refusing every candidate, a violated property is never falsified: PGD's points, the bounds'
     minimisers and the linear programs' optima all go through it."""
     calls = []
-    monkeypatch.setattr(bab, "check_box", lambda *args: calls.append(args) and None)
+    monkeypatch.setattr(milp, "check_box", lambda *args: calls.append(args) and None)
     model, lower, upper, label, truth = tiny_case(41, (0.11, 0.91, 0.8), 0.1651, (3, 6, 5, 3))
     outcome = bab.verify_box(model, lower, upper, label, time_limit=30)
     assert truth < 0 and outcome.status == "unknown" and outcome.stats["why"] == "undecided leaf"
@@ -331,11 +332,11 @@ def test_the_pool_of_open_domains_takes_the_lowest_bounds_and_loses_none():
 
     def domains(start, count):
         ids = torch.arange(start, start + count)
-        return bab._Domains(ids, ids[:, None].to(torch.int8).expand(-1, 3).clone(), torch.zeros(count, 3),
+        return bab_domains.Domains(ids, ids[:, None].to(torch.int8).expand(-1, 3).clone(), torch.zeros(count, 3),
                             torch.zeros(count, 3), torch.rand(count, generator=generator, dtype=torch.float64),
                             torch.randint(0, 50, (count,), generator=generator))
 
-    pool, taken, added = bab._Pool(domains(0, 5)), [], 5
+    pool, taken, added = bab_domains.Pool(domains(0, 5)), [], 5
     for round_ in range(30):
         pool.add(domains(added, 7))
         added += 7
