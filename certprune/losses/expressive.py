@@ -24,6 +24,8 @@ for MTL-IBP, 0.1 for CC-IBP), and certprune verifies with IBP and CROWN, which f
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +61,7 @@ def _fraction(value, name: str) -> float:
     return float(value)
 
 
-class _AttackThenBound(_Adversarial, Bounded):
+class _AttackThenBound(_Adversarial, Bounded, abc.ABC):
     """The eps ramp, the PGD attack at the scheduled eps, the bounded proxy; subclasses say what to bound and how
     to mix (:meth:`robust`)."""
 
@@ -81,8 +83,9 @@ class _AttackThenBound(_Adversarial, Bounded):
         loss = self.add_warmup(loss, model, x, attack.eps, self.eps.end, metrics)
         return loss, {"loss": loss.detach(), "acc": clean_acc, "eps": attack.eps, **metrics}
 
+    @abc.abstractmethod
     def robust(self, model, x, y, x_adv, eps) -> tuple[torch.Tensor, dict]:
-        raise NotImplementedError
+        """The loss and its metrics from the PGD point ``x_adv`` and the eps box of ``x``."""
 
     def eps_box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return input_box(x, eps)  # the box the bound losses and the verifier bound: clipped to [0, 1], outward
@@ -120,8 +123,9 @@ class _Mixed(_AttackThenBound):
         return loss, {"adv_acc": accuracy(adv_logits, y), "robust_loss": robust_cross_entropy(lower).detach(),
                       "verified_acc": (lower.min(1).values > 0).float().mean().detach()}
 
+    @abc.abstractmethod
     def mix(self, ibp_lower: torch.Tensor, adv_margins: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The loss of IBP's margin lower bounds and the PGD point's margins, mixed by ``alpha``."""
 
 
 class MTLIBPLoss(_Mixed):
