@@ -112,9 +112,10 @@ def _decide(model, shape, props, methods, limits, batch_size, alpha_iterations, 
                       (stack([p.inner_lower for p in props]), stack([p.inner_upper for p in props])))
     emitted = set()
 
-    def emit_decided():
+    def emit_decided(final=()):
+        """Emit each property a stage decided, and those of ``final`` (no later stage will run on them)."""
         for i in range(len(props)):
-            if i not in emitted and (cascade.stage[i] or cascade.falsified[i]):
+            if i not in emitted and (cascade.stage[i] or cascade.falsified[i] or i in final):
                 emitted.add(i)
                 emit(i, _record(cascade, i))
 
@@ -124,10 +125,11 @@ def _decide(model, shape, props, methods, limits, batch_size, alpha_iterations, 
             for i in todo.tolist():
                 cascade.falsify(i, (cascade.lower[i] + cascade.upper[i]) / 2, "centre")
         elif method in COMPLETE:
+            last = method == [m for m in methods if m in COMPLETE][-1]
             for i in todo.tolist():  # one at a time: each property has its own time left
                 cascade.complete(method, torch.tensor([i]), torch.tensor(limits, dtype=torch.float64)
                                  - cascade.seconds, attack_steps)
-                emit_decided()
+                emit_decided({i} if last else ())  # after the last complete stage, unknown is its final verdict
         else:
             cascade.bound(method, todo, batch_size, "MILP" in methods, alpha_iterations, alpha_lr)
         if method not in COMPLETE and len(todo):

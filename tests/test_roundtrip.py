@@ -328,3 +328,13 @@ def test_the_complete_stages_share_each_images_timeout(trained, monkeypatch):
                                      alpha_iterations=3, alpha_lr=0.5)
     evaluate(model, x, y, settings)
     assert (given["BaB"] == 5.0).all() and (given["MILP"] == 2.0).all()
+
+
+def test_an_instance_left_unknown_by_the_last_complete_stage_is_written_before_the_next_starts(exported,
+                                                                                               monkeypatch):
+    chosen = read_instances(exported / "instances.csv")
+    seen, order = [], []
+    monkeypatch.setattr(instances.Cascade, "complete", lambda self, method, todo, *a: order.append(len(seen)))
+    verify_instances(chosen, ["IBP", "MILP"], timeout=5.0, on_record=lambda record: seen.append(record["verdict"]))
+    assert order == list(range(len(chosen)))  # each instance's line is out before the next one's stage starts
+    assert seen == ["unknown"] * len(chosen)
