@@ -10,17 +10,6 @@ from certprune.attacks import PGD
 from certprune.certify import milp
 
 
-class InBox(nn.Module):
-    """``model(lower + z (upper - lower))``: PGD over ``z`` in the eps-0.5 ball around 0.5 searches the box."""
-
-    def __init__(self, model: nn.Module, lower: torch.Tensor, upper: torch.Tensor):
-        super().__init__()
-        self.model, self.lower, self.width = model, lower, upper - lower
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model(self.lower + z * self.width)
-
-
 def falsify(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label: int, classes: list[int],
             steps: int, restarts: int):
     """``(margin, input)`` of a counterexample in the box, or None: PGD on ``logit_j - logit_label`` for every ``j``
@@ -37,7 +26,7 @@ def falsify(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, label: i
     for start, copies in (("zero", 1), ("uniform", restarts)):
         if copies:
             y = targets.repeat(copies)
-            inside = InBox(model, lower.expand(len(y), *lower.shape), upper.expand(len(y), *upper.shape))
+            inside = milp.BoxCoordinates(model, lower.expand(len(y), *lower.shape), upper.expand(len(y), *upper.shape))
             z = PGD(0.5, steps=steps, start=start).perturb(inside, torch.full_like(inside.lower, 0.5), y, objective)
             points.append(lower + z * (upper - lower))
     points = torch.cat(points)

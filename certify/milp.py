@@ -4,8 +4,8 @@ Bounds (IBP, CROWN, alpha-CROWN) can only prove; an image they leave open may be
 (:mod:`certprune.certify.milp_encoding`) describes the network's outputs over the box exactly, and for each class
 ``j`` the property names (most threatening first) HiGHS (``scipy.optimize.milp``) minimises ``logit_y - logit_j``.
 A property is **verified** when the solver's *proven* lower bound (its dual bound, not its incumbent) exceeds
-:func:`certprune.certify.proof.milp_tolerance` for every such class, **falsified** when a solution's input, clipped to the box and re-checked
-by a plain float forward pass, has some ``logit_j >= logit_y``, and **unknown** otherwise (time limit, or a
+:func:`certprune.certify.proof.milp_tolerance` for every such class, **falsified** when a solution's input,
+clipped to the box and re-checked by a plain float forward pass, has some ``logit_j >= logit_y``, and **unknown** otherwise (time limit, or a
 candidate the forward pass refutes, which is logged).
 
 The box is any per-pixel ``[lower, upper]`` (a VNN-LIB property's, :mod:`certprune.certify.vnnlib`); the L-inf
@@ -69,8 +69,8 @@ def solve(prog: Program, label: int, other: int, time_limit: float):
     """HiGHS on ``min logit_label - logit_other``; scipy's result (``mip_dual_bound`` is the proven bound)."""
     cost = np.zeros(len(prog.var_lower))
     cost[prog.logits.start + label], cost[prog.logits.start + other] = 1.0, -1.0
-    with warnings.catch_warnings(), _silent_stdout():  # scipy warns that it passes HIGHS_OPTIONS to HiGHS verbatim, as wanted
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(), _silent_stdout():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy warns that it passes HIGHS_OPTIONS on verbatim
         return milp(cost, integrality=prog.integrality, bounds=Bounds(prog.var_lower, prog.var_upper),
                     constraints=LinearConstraint(prog.matrix, prog.row_lower, prog.row_upper),
                     options={"time_limit": max(time_limit, 0.01), "disp": False, "mip_rel_gap": 1e-4,
@@ -167,7 +167,7 @@ def _crown_bounds(model: nn.Module, lower: torch.Tensor, upper: torch.Tensor, sp
     return relus, torch.cat([p[0] for p in parts])
 
 
-class _BoxCoordinates(nn.Module):
+class BoxCoordinates(nn.Module):
     """``model(lower + z (upper - lower))``: PGD over ``z`` in the eps-0.5 ball around 0.5 (which is [0, 1]) searches
     exactly the per-pixel box, whatever its shape."""
 
@@ -188,7 +188,7 @@ def _attack(model, lower, upper, labels, spec, steps):
     def objective(logits, y):
         return logits.masked_fill(~threat, float("-inf")).max(1).values - logits.gather(1, y[:, None]).squeeze(1)
 
-    z = PGD(0.5, steps=steps, objective="margin").perturb(_BoxCoordinates(model, lower, upper),
+    z = PGD(0.5, steps=steps, objective="margin").perturb(BoxCoordinates(model, lower, upper),
                                                           torch.full_like(lower, 0.5), labels, objective)
     return lower + z * (upper - lower)
 
